@@ -1,0 +1,160 @@
+"""The migration spec: everything a user decides about one migration, carried in `migration.requested`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+
+from llamaduo.contract.artifacts import MIGRATION_ID_PATTERN, SHA256_PATTERN
+
+Metric = Literal["similarity", "precision"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSpec(_Section):
+    """What the task is, in words; used in synthesis and judging prompts."""
+
+    name: str = Field(min_length=1, max_length=200, description="Short name of the task.")
+    description: str = Field(default="", max_length=4000, description="What a good answer does.")
+
+
+class CoverageSpec(_Section):
+    """The user's coverage dataset (JSONL of chat `messages`) and how to split it."""
+
+    uri: str = Field(description="file://, s3:// or a path; `llamaduo migrate` uploads local files to the store.")
+    sha256: str | None = Field(default=None, pattern=SHA256_PATTERN, description="Expected SHA-256, if known.")
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0, description="Share of rows held out for testing.")
+    split_seed: int = Field(default=0, description="Seed of the train/test split.")
+    use_split_field: bool = Field(
+        default=True, description="Honour a per-row `split` field ('train'/'test') when every row has one."
+    )
+    min_train_rows: int = Field(default=4, ge=1, description="Fewer train rows than this fails the migration.")
+    min_test_rows: int = Field(default=2, ge=1, description="Fewer test rows than this fails the migration.")
+
+
+class BaseModelSpec(_Section):
+    """The local base model to fine-tune."""
+
+    id: str = Field(
+        default="bundled:smollm2-135m-instruct",
+        description="`bundled:<name>`, a local directory, or a hub id (hub ids need the weights cached locally).",
+    )
+    revision: str | None = Field(default=None, description="Hub revision, when `id` is a hub id.")
+
+
+class LoraSpec(_Section):
+    """LoRA adapter shape."""
+
+    r: int = Field(default=8, ge=1, le=1024)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainingSpec(_Section):
+    """Fine-tuning hyperparameters (paper defaults scaled down for CPU runs)."""
+
+    epochs: float = Field(default=3.0, gt=0.0)
+    learning_rate: float = Field(default=2e-4, gt=0.0)
+    batch_size: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(default=512, ge=16)
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    lr_scheduler: str = Field(default="cosine")
+    quantization: Literal["auto", "none", "4bit"] = Field(
+        default="auto", description="auto: 4-bit NF4 (QLoRA) on CUDA, full precision LoRA on CPU."
+    )
+    seed: int = 0
+    max_steps: int | None = Field(default=None, ge=1, description="Cap on optimizer steps (overrides epochs).")
+
+
+class ServiceLLMSpec(_Section):
+    """Which OpenAI-compatible service LLM to call. Unset fields fall back to the service's environment.
+
+    The API key is never part of a spec: services read it from their environment.
+    """
+
+    base_url: HttpUrl | None = Field(default=None, description="e.g. https://api.openai.com/v1")
+    model: str | None = Field(default=None, description="e.g. gpt-4o")
+    temperature: float = Field(default=0.2, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=512, ge=1)
+    input_usd_per_million: float = Field(default=0.0, ge=0.0, description="Price of 1M prompt tokens.")
+    output_usd_per_million: float = Field(default=0.0, ge=0.0, description="Price of 1M completion tokens.")
+
+
+class InferenceSpec(_Section):
+    """How the fine-tuned model answers the test prompts."""
+
+    responses_per_prompt: int = Field(default=4, ge=1, le=64)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=128, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    seed: int = 0
+
+
+def _default_thresholds() -> dict[Metric, float]:
+    return {"similarity": 90.0, "precision": 90.0}
+
+
+class EvaluationSpec(_Section):
+    """The judge and the graduation rule."""
+
+    judge: ServiceLLMSpec = Field(default_factory=ServiceLLMSpec)
+    repeats: int = Field(default=1, ge=1, le=20, description="Judgments per response, averaged (paper: 10).")
+    thresholds: dict[Metric, float] = Field(
+        default_factory=lambda: _default_thresholds(),
+        description="Graduation when the mean of every listed metric reaches its threshold (1-100).",
+    )
+
+    @model_validator(mode="after")
+    def _thresholds_in_range(self) -> EvaluationSpec:
+        if not self.thresholds:
+            raise ValueError("evaluation.thresholds must name at least one metric")
+        for metric, value in self.thresholds.items():
+            if not 1.0 <= value <= 100.0:
+                raise ValueError(f"evaluation.thresholds.{metric} must be within 1..100, got {value}")
+        return self
+
+
+class SynthesisSpec(_Section):
+    """How the service LLM grows the training set when the model falls short."""
+
+    generator: ServiceLLMSpec = Field(default_factory=lambda: ServiceLLMSpec(temperature=0.9))
+    first_round_rows: int = Field(default=64, ge=1, description="New rows asked for in the first round.")
+    growth: float = Field(default=2.0, ge=1.0, description="Each later round asks for `growth` times more.")
+    pairs_per_call: int = Field(default=4, ge=1, le=32)
+    max_calls_per_round: int | None = Field(default=None, ge=1, description="Cap on service-LLM calls per round.")
+
+
+class BudgetSpec(_Section):
+    """Limits after which the migration ends `failed`."""
+
+    max_iterations: int = Field(default=4, ge=1, description="Fine-tune/evaluate rounds, iteration 0 included.")
+    max_synthetic_rows: int | None = Field(default=None, ge=0)
+    max_cost_usd: float | None = Field(default=None, ge=0.0)
+
+
+class MigrationSpec(_Section):
+    """Everything that defines one migration."""
+
+    migration_id: str | None = Field(
+        default=None, pattern=MIGRATION_ID_PATTERN, description="Unique id; generated when absent."
+    )
+    task: TaskSpec
+    coverage: CoverageSpec
+    base_model: BaseModelSpec = Field(default_factory=BaseModelSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    inference: InferenceSpec = Field(default_factory=InferenceSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec)
+    budgets: BudgetSpec = Field(default_factory=BudgetSpec)
+
+    def rows_for_round(self, round_index: int) -> int:
+        """New synthetic rows asked for in synthesis round `round_index` (0-based): the paper's doubling."""
+        return round(self.synthesis.first_round_rows * self.synthesis.growth**round_index)

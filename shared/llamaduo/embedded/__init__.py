@@ -1,0 +1,1 @@
+"""The embedded default: a local nats-server, the five services as processes, and a local service LLM."""

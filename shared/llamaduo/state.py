@@ -1,0 +1,73 @@
+"""Migration state as the coordinator keeps it in the KV bucket (read by the CLI and the workers)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llamaduo.contract import ArtifactRef, MetricSummary, MigrationSpec, Spend
+from llamaduo.contract.spec import Metric
+
+Status = Literal["accepted", "running", "graduated", "failed", "cancelled"]
+Decision = Literal["graduated", "need_more_data", "failed"]
+TERMINAL: frozenset[str] = frozenset({"graduated", "failed", "cancelled"})
+
+
+def utcnow() -> datetime:
+    """Now, in UTC."""
+    return datetime.now(UTC)
+
+
+class IterationRecord(BaseModel):
+    """What one fine-tune/evaluate round produced and what was decided."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iteration: int = Field(ge=0)
+    dataset: ArtifactRef
+    train_rows: int = Field(ge=0)
+    synthetic_rows: int = Field(ge=0)
+    removed: dict[str, int] = Field(default_factory=dict)
+    adapter: ArtifactRef | None = None
+    judgments: ArtifactRef | None = None
+    scores: dict[Metric, MetricSummary] | None = None
+    failed_judgments: int = 0
+    spend: Spend = Field(default_factory=Spend)
+    decision: Decision | None = None
+
+
+class MigrationState(BaseModel):
+    """The whole state of a migration; updated only by compare-and-set on the KV revision."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    migration_id: str
+    spec: MigrationSpec
+    status: Status = "accepted"
+    iteration: int = 0
+    train: ArtifactRef | None = None
+    test: ArtifactRef | None = None
+    iterations: list[IterationRecord] = Field(default_factory=list)
+    spend: Spend = Field(default_factory=Spend)
+    failure_reason: str | None = None
+    failure_detail: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the migration has ended."""
+        return self.status in TERMINAL
+
+    def record(self, iteration: int) -> IterationRecord | None:
+        """The record of `iteration`, if it started."""
+        return next((item for item in self.iterations if item.iteration == iteration), None)
+
+    def best(self) -> IterationRecord | None:
+        """The scored iteration with the highest worst-metric mean."""
+        scored = [item for item in self.iterations if item.scores and item.adapter]
+        if not scored:
+            return None
+        return max(scored, key=lambda item: min(s.mean for s in (item.scores or {}).values()))
