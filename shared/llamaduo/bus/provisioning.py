@@ -50,6 +50,7 @@ class ConsumerDef:
 
 CONSUMERS: tuple[ConsumerDef, ...] = (
     ConsumerDef("coordinator", "coordinator-requested", subject_for(MigrationRequested)),
+    ConsumerDef("coordinator", "coordinator-dataset", subject_for(DatasetReady)),
     ConsumerDef("coordinator", "coordinator-evaluated", subject_for(EvaluationCompleted)),
     ConsumerDef("coordinator", "coordinator-task-failed", subject_for(TaskFailed)),
     ConsumerDef("coordinator", "coordinator-cancel", subject_for(MigrationCancel)),

@@ -60,6 +60,7 @@ class TaskContext:
     publisher: Publisher
     migration_id: str
     iteration: int | None
+    states: Callable[[], Awaitable[StateStore]]
     _progress_seq: int = field(default=0)
 
     async def progress(self, stage: str, done: int, total: int | None, message: str = "") -> None:
@@ -80,6 +81,21 @@ class TaskContext:
             )
         except Exception as exc:  # progress is advisory; a lost one must not cost the task
             self.log.warning("progress not published", extra={"error": repr(exc)})
+
+
+    def progress_reporter(self, stage: str, min_interval_s: float = 1.0) -> Callable[[int, int | None], None]:
+        """A callback for worker threads that sends progress at most every `min_interval_s` (and at the end)."""
+        loop = asyncio.get_running_loop()
+        last = [0.0]
+
+        def report(done: int, total: int | None) -> None:
+            now = loop.time()
+            if now - last[0] < min_interval_s and done != total:
+                return
+            last[0] = now
+            asyncio.run_coroutine_threadsafe(self.progress(stage, done, total), loop)
+
+        return report
 
 
 Handler = Callable[[E, TaskContext], Awaitable[Sequence[Event]]]
@@ -131,7 +147,9 @@ class Worker(Generic[E]):
             log.info("migration already ended; task skipped")
             await msg.ack_sync()
             return
-        context = TaskContext(self.service, ident, delivery, log, self.publisher, event.migration_id, iteration)
+        context = TaskContext(
+            self.service, ident, delivery, log, self.publisher, event.migration_id, iteration, self.states
+        )
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         try:
             log.info("task started")

@@ -38,6 +38,27 @@ class MigrationRequested(Event):
     spec: MigrationSpec
 
 
+class Spend(BaseModel):
+    """Service-LLM usage charged to a migration."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    calls: int = Field(default=0, ge=0)
+    cached_calls: int = Field(default=0, ge=0)
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    usd: float = Field(default=0.0, ge=0.0)
+
+    def __add__(self, other: Spend) -> Spend:
+        return Spend(
+            calls=self.calls + other.calls,
+            cached_calls=self.cached_calls + other.cached_calls,
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            usd=self.usd + other.usd,
+        )
+
+
 class DatasetReady(IterationEvent):
     """The training data of an iteration is in the store; the trainer picks it up."""
 
@@ -48,6 +69,7 @@ class DatasetReady(IterationEvent):
     train_rows: int = Field(ge=0)
     synthetic_rows: int = Field(ge=0, description="Rows of the dataset that the service LLM wrote.")
     removed: dict[str, int] = Field(default_factory=dict, description="Rows dropped this round, per reason.")
+    spend: Spend = Field(default_factory=Spend, description="Service-LLM spend of this round's synthesis.")
 
 
 class ModelTrained(IterationEvent):
@@ -86,27 +108,6 @@ class MetricSummary(BaseModel):
     share_ge_50: float = Field(ge=0.0, le=1.0)
     share_ge_70: float = Field(ge=0.0, le=1.0)
     judged: int = Field(ge=0)
-
-
-class Spend(BaseModel):
-    """Service-LLM usage charged to a migration."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    calls: int = Field(default=0, ge=0)
-    cached_calls: int = Field(default=0, ge=0)
-    prompt_tokens: int = Field(default=0, ge=0)
-    completion_tokens: int = Field(default=0, ge=0)
-    usd: float = Field(default=0.0, ge=0.0)
-
-    def __add__(self, other: Spend) -> Spend:
-        return Spend(
-            calls=self.calls + other.calls,
-            cached_calls=self.cached_calls + other.cached_calls,
-            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
-            completion_tokens=self.completion_tokens + other.completion_tokens,
-            usd=self.usd + other.usd,
-        )
 
 
 class EvaluationCompleted(IterationEvent):

@@ -1,0 +1,1 @@
+"""The coordinator: the only decider and the only owner of migration state."""

@@ -1,0 +1,3 @@
+from llamaduo_coordinator.app import main
+
+main()

@@ -1,0 +1,243 @@
+"""The coordinator's handlers: one migration's life from request to graduated, failed or cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+
+from llamaduo.bus import StateStore, TaskContext, TaskError
+from llamaduo.contract import (
+    ArtifactRef,
+    DatasetReady,
+    EvaluationCompleted,
+    Event,
+    MigrationCancel,
+    MigrationFailed,
+    MigrationGraduated,
+    MigrationRequested,
+    MigrationSpec,
+    NeedMoreData,
+    TaskFailed,
+)
+from llamaduo.data import JSONL_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, DatasetError, DatasetManifest, Shard, dump_jsonl
+from llamaduo.state import IterationRecord, MigrationState
+from llamaduo.store import ArtifactError, ArtifactStore, artifact_key
+
+from llamaduo_coordinator.coverage import read_coverage, split_coverage
+from llamaduo_coordinator.decisions import decide
+
+
+class EvaluationTooEarly(Exception):
+    """An evaluation arrived before its iteration's dataset was recorded; retried later."""
+
+
+def _failed_event(state: MigrationState) -> MigrationFailed:
+    best = state.best()
+    return MigrationFailed(
+        migration_id=state.migration_id,
+        iteration=state.iteration,
+        reason=state.failure_reason or "failed",
+        detail=state.failure_detail or "",
+        best_adapter=best.adapter if best else None,
+        best_scores=best.scores if best else None,
+        spend=state.spend,
+    )
+
+
+class Coordinator:
+    """Owns migration state; every handler is idempotent under redelivery and duplicates."""
+
+    def __init__(self, store: ArtifactStore) -> None:
+        self.store = store
+
+    # migration.requested ------------------------------------------------------------------------------
+    async def on_requested(self, event: MigrationRequested, ctx: TaskContext) -> list[Event]:
+        """Validate and split the coverage dataset, then start iteration 0."""
+        states = await ctx.states()
+        spec = event.spec.model_copy(update={"migration_id": event.migration_id})
+        if not await states.create(MigrationState(migration_id=event.migration_id, spec=spec)):
+            found = await states.get(event.migration_id)
+            if found is None or found[0].status != "accepted":
+                ctx.log.info("duplicate migration request ignored")
+                return []
+            ctx.log.info("resuming a request accepted before a restart")
+        try:
+            train_ref, test_ref, manifest_ref, manifest, test_rows = await asyncio.to_thread(
+                self._prepare, event.migration_id, spec
+            )
+        except (DatasetError, ArtifactError) as exc:
+            reason = "invalid_dataset" if isinstance(exc, DatasetError) else exc.reason
+            return await self._fail(states, event.migration_id, reason, str(exc), ctx)
+
+        def start(state: MigrationState) -> MigrationState | None:
+            if state.status != "accepted":
+                return None
+            state.status = "running"
+            state.train, state.test = train_ref, test_ref
+            state.iterations = [
+                IterationRecord(iteration=0, dataset=manifest_ref, train_rows=manifest.rows, synthetic_rows=0)
+            ]
+            return state
+
+        state = await states.update(event.migration_id, start)
+        if state is None or state.status != "running" or state.iteration != 0:
+            return []
+        ctx.log.info("migration started", extra={"train_rows": manifest.rows, "test_rows": test_rows})
+        return [
+            DatasetReady(
+                migration_id=event.migration_id,
+                iteration=0,
+                spec=spec,
+                dataset=manifest_ref,
+                test=test_ref,
+                train_rows=manifest.rows,
+                synthetic_rows=0,
+            )
+        ]
+
+    def _prepare(
+        self, migration_id: str, spec: MigrationSpec
+    ) -> tuple[ArtifactRef, ArtifactRef, ArtifactRef, DatasetManifest, int]:
+        rows = read_coverage(self.store, spec.coverage)
+        train, test = split_coverage(rows, spec.coverage)
+        put = self.store.put_bytes
+        coverage_key = artifact_key(migration_id, None, "coverage", "{}.jsonl").format
+        train_ref = put(coverage_key("train"), dump_jsonl(train), JSONL_MEDIA_TYPE)
+        test_ref = put(coverage_key("test"), dump_jsonl(test), JSONL_MEDIA_TYPE)
+        manifest = DatasetManifest(
+            migration_id=migration_id, iteration=0, shards=[Shard(ref=train_ref, rows=len(train), origin="coverage")]
+        )
+        manifest_ref = put(
+            artifact_key(migration_id, 0, "dataset", "manifest.json"),
+            manifest.model_dump_json(indent=1).encode(),
+            MANIFEST_MEDIA_TYPE,
+        )
+        return train_ref, test_ref, manifest_ref, manifest, len(test)
+
+    # dataset.ready ------------------------------------------------------------------------------------
+    async def on_dataset(self, event: DatasetReady, ctx: TaskContext) -> list[Event]:
+        """Record a synthesized iteration's dataset and what its synthesis cost."""
+        if event.iteration == 0:
+            return []
+        states = await ctx.states()
+
+        def record(state: MigrationState) -> MigrationState | None:
+            if state.terminal or state.record(event.iteration) is not None:
+                return None
+            state.iterations.append(
+                IterationRecord(
+                    iteration=event.iteration,
+                    dataset=event.dataset,
+                    train_rows=event.train_rows,
+                    synthetic_rows=event.synthetic_rows,
+                    removed=event.removed,
+                    spend=event.spend,
+                )
+            )
+            state.iteration = max(state.iteration, event.iteration)
+            state.spend = state.spend + event.spend
+            return state
+
+        await states.update(event.migration_id, record)
+        return []
+
+    # evaluation.completed -----------------------------------------------------------------------------
+    async def on_evaluated(self, event: EvaluationCompleted, ctx: TaskContext) -> list[Event]:
+        """Compare the scores with the thresholds and budgets; emit the decision exactly once."""
+        states = await ctx.states()
+        found = await states.get(event.migration_id)
+        if found is None:
+            raise TaskError("unknown_migration", f"evaluation for unknown migration {event.migration_id}")
+        current = found[0]
+        if current.terminal:
+            return []
+        if current.record(event.iteration) is None:
+            raise EvaluationTooEarly(f"iteration {event.iteration} has no dataset record yet")
+
+        def apply(state: MigrationState) -> MigrationState | None:
+            record = state.record(event.iteration)
+            if state.terminal or record is None or record.decision is not None:
+                return None
+            record.adapter, record.judgments, record.scores = event.adapter, event.judgments, event.scores
+            record.failed_judgments = event.failed_judgments
+            record.spend = record.spend + event.spend
+            state.spend = state.spend + event.spend
+            verdict = decide(state.spec, event.iteration, event.scores, state.spend, record.synthetic_rows)
+            record.decision = verdict.action
+            if verdict.action == "graduated":
+                state.status = "graduated"
+            elif verdict.action == "failed":
+                state.status, state.failure_reason, state.failure_detail = "failed", verdict.reason, verdict.detail
+            ctx.log.info(
+                "iteration evaluated",
+                extra={
+                    "decision": verdict.action,
+                    "detail": verdict.detail,
+                    "scores": {k: round(v.mean, 2) for k, v in event.scores.items()},
+                },
+            )
+            return state
+
+        state = await states.update(event.migration_id, apply) or current
+        record = state.record(event.iteration)
+        if record is None or record.decision is None or state.iteration != event.iteration:
+            return []
+        if record.decision == "graduated":
+            return [
+                MigrationGraduated(
+                    migration_id=state.migration_id,
+                    iteration=event.iteration,
+                    adapter=event.adapter,
+                    base_model=state.spec.base_model.id,
+                    scores=event.scores,
+                    thresholds=state.spec.evaluation.thresholds,
+                    spend=state.spend,
+                )
+            ]
+        if record.decision == "failed":
+            return [_failed_event(state)]
+        round_index = event.iteration
+        new_rows = decide(state.spec, event.iteration, event.scores, state.spend, record.synthetic_rows).new_rows
+        return [
+            NeedMoreData(
+                migration_id=state.migration_id,
+                iteration=event.iteration,
+                spec=state.spec,
+                dataset=event.dataset,
+                test=event.test,
+                judgments=event.judgments,
+                new_rows=max(new_rows, 1),
+                round_index=round_index,
+            )
+        ]
+
+    # task.failed and migration.cancel -----------------------------------------------------------------
+    async def on_task_failed(self, event: TaskFailed, ctx: TaskContext) -> list[Event]:
+        """A worker gave up: the migration fails with the worker's reason."""
+        reason = f"task_failed:{event.service}:{event.reason}"
+        return await self._fail(await ctx.states(), event.migration_id, reason, event.detail, ctx)
+
+    async def on_cancel(self, event: MigrationCancel, ctx: TaskContext) -> list[Event]:
+        """Stop the migration; workers skip its pending tasks."""
+        return await self._fail(await ctx.states(), event.migration_id, "cancelled", event.reason, ctx, "cancelled")
+
+    async def _fail(
+        self, states: StateStore, migration_id: str, reason: str, detail: str, ctx: TaskContext, status: str = "failed"
+    ) -> list[Event]:
+        def mark(state: MigrationState) -> MigrationState | None:
+            if state.terminal:
+                return None
+            state.status = "cancelled" if status == "cancelled" else "failed"
+            state.failure_reason, state.failure_detail = reason, detail
+            return state
+
+        before = await states.get(migration_id)
+        if before is None:
+            ctx.log.warning("failure for unknown migration ignored", extra={"reason": reason})
+            return []
+        if before[0].terminal:
+            return [_failed_event(before[0])] if before[0].failure_reason == reason else []
+        state = await states.update(migration_id, mark)
+        if state is None:
+            return []
+        ctx.log.warning("migration failed", extra={"reason": reason, "detail": detail})
+        return [_failed_event(state)]

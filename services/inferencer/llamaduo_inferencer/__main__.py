@@ -1,0 +1,3 @@
+from llamaduo_inferencer.app import main
+
+main()

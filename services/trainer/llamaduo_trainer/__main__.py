@@ -1,0 +1,3 @@
+from llamaduo_trainer.app import main
+
+main()

@@ -1,0 +1,13 @@
+"""The trainer's settings (environment, `LLAMADUO_` prefix)."""
+
+from __future__ import annotations
+
+from llamaduo.localmodel import LocalModelSettings
+from llamaduo.settings import WorkerSettings
+from pydantic_settings import SettingsConfigDict
+
+
+class TrainerSettings(WorkerSettings, LocalModelSettings):
+    """Bus, store, scratch space, the model cache and the device."""
+
+    model_config = SettingsConfigDict(env_prefix="LLAMADUO_", extra="ignore")
