@@ -82,7 +82,6 @@ class TaskContext:
         except Exception as exc:  # progress is advisory; a lost one must not cost the task
             self.log.warning("progress not published", extra={"error": repr(exc)})
 
-
     def progress_reporter(self, stage: str, min_interval_s: float = 1.0) -> Callable[[int, int | None], None]:
         """A callback for worker threads that sends progress at most every `min_interval_s` (and at the end)."""
         loop = asyncio.get_running_loop()

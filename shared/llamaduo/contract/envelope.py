@@ -78,7 +78,5 @@ def decode(body: bytes, model: type[E], headers: Mapping[str, str] | None = None
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or '<body>'}: {err['msg']}" for err in exc.errors()[:5]
-        )
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '<body>'}: {err['msg']}" for err in exc.errors()[:5])
         raise PoisonMessage("schema_violation", f"not a valid {model.name}: {problems}", migration_id) from exc

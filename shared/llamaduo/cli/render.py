@@ -1,0 +1,104 @@
+"""How migration events and states are shown to a person."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from rich.console import Console
+from rich.table import Table
+
+from llamaduo.contract import (
+    DatasetReady,
+    EvaluationCompleted,
+    Event,
+    MetricSummary,
+    MigrationFailed,
+    MigrationGraduated,
+    MigrationRequested,
+    ModelTrained,
+    NeedMoreData,
+    Progress,
+    ResponsesReady,
+    TaskFailed,
+)
+from llamaduo.contract.spec import Metric
+from llamaduo.state import MigrationState
+
+
+def _scores(scores: Mapping[Metric, MetricSummary]) -> str:
+    return "  ".join(f"{metric} {summary.mean:.1f}" for metric, summary in scores.items())
+
+
+def describe(event: Event) -> str | None:
+    """One line about an event, or None for events not worth a line."""
+    it = getattr(event, "iteration", None)
+    tag = f"[iter {it}] " if it is not None else ""
+    match event:
+        case MigrationRequested():
+            return f"requested: task {event.spec.task.name!r}, base model {event.spec.base_model.id}"
+        case DatasetReady():
+            removed = f", removed {event.removed}" if event.removed else ""
+            return f"{tag}dataset ready: {event.train_rows} training rows ({event.synthetic_rows} synthetic){removed}"
+        case Progress():
+            total = f"/{event.total}" if event.total else ""
+            return f"{tag}{event.service}: {event.stage} {event.done}{total} {event.message}".rstrip()
+        case ModelTrained():
+            loss = f", loss {event.train_loss:.3f}" if event.train_loss is not None else ""
+            return f"{tag}model trained: {event.steps} steps in {event.train_seconds:.0f}s{loss}"
+        case ResponsesReady():
+            return f"{tag}responses ready: {event.prompts} prompts x {event.responses_per_prompt}"
+        case EvaluationCompleted():
+            failed = f" ({event.failed_judgments} judgments failed)" if event.failed_judgments else ""
+            return f"{tag}evaluated: {_scores(event.scores)}{failed}, judge spend ${event.spend.usd:.4f}"
+        case NeedMoreData():
+            return f"{tag}below threshold: synthesizing {event.new_rows} more rows"
+        case MigrationGraduated():
+            return f"{tag}GRADUATED: {_scores(event.scores)}"
+        case MigrationFailed():
+            return f"{tag}FAILED: {event.reason} {event.detail}".rstrip()
+        case TaskFailed():
+            return f"{tag}{event.service} gave up on {event.stage}: {event.reason} {event.detail}".rstrip()
+    return None
+
+
+def state_table(states: list[MigrationState]) -> Table:
+    """A table of migrations."""
+    table = Table("migration", "status", "iteration", "best scores", "spend", "updated")
+    for state in sorted(states, key=lambda s: s.created_at):
+        best = state.best()
+        table.add_row(
+            state.migration_id,
+            state.status,
+            str(state.iteration),
+            _scores(best.scores) if best and best.scores else "-",
+            f"${state.spend.usd:.4f}",
+            state.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    return table
+
+
+def print_outcome(console: Console, state: MigrationState) -> None:
+    """What a finished migration produced and where it is."""
+    console.print(f"[bold]migration {state.migration_id}: {state.status}[/bold]")
+    if state.failure_reason:
+        console.print(f"  reason: {state.failure_reason} {state.failure_detail or ''}")
+    for record in state.iterations:
+        scores = _scores(record.scores) if record.scores else "not evaluated"
+        console.print(
+            f"  iteration {record.iteration}: {record.train_rows} rows ({record.synthetic_rows} synthetic), "
+            f"{scores}, decision {record.decision or '-'}"
+        )
+    best = state.best()
+    if best and best.adapter:
+        label = "adapter" if state.status == "graduated" else "best adapter so far"
+        console.print(f"  {label}: {best.adapter.uri}")
+        if best.judgments:
+            console.print(f"  judgments: {best.judgments.uri}")
+        console.print(
+            f"  serve it: llamaduo serve --model {state.spec.base_model.id} "
+            f"--adapter {state.migration_id}={best.adapter.uri}"
+        )
+    console.print(
+        f"  service-LLM spend: ${state.spend.usd:.4f} over {state.spend.calls} calls "
+        f"({state.spend.prompt_tokens + state.spend.completion_tokens} tokens)"
+    )
