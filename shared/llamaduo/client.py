@@ -15,7 +15,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
-from llamaduo.bus import STATE_BUCKET, BusSettings, Publisher, StateStore, provision
+from llamaduo.bus import EVENTS_STREAM, STATE_BUCKET, BusSettings, Publisher, StateStore, provision
 from llamaduo.contract import EVENTS_BY_NAME, Event, MigrationCancel, MigrationRequested, MigrationSpec, decode
 from llamaduo.contract.subjects import PREFIX
 from llamaduo.data import JSONL_MEDIA_TYPE, parse_jsonl
@@ -126,7 +126,8 @@ class Client:
             deliver_policy=DeliverPolicy.BY_START_TIME,
             opt_start_time=since - timedelta(seconds=2),
         )
-        sub = await self.js.subscribe(f"{PREFIX}.>", ordered_consumer=True, config=config)
+        # Name the stream: the wildcard also matches the dead-letter stream's subjects.
+        sub = await self.js.subscribe(f"{PREFIX}.>", stream=EVENTS_STREAM, ordered_consumer=True, config=config)
         try:
             while True:
                 try:

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from llamaduo.contract import (
     ALL_EVENTS,
     ArtifactRef,
@@ -42,7 +41,9 @@ def test_round_trip_and_cloudevents_headers():
 
 
 def test_event_ids_are_deterministic_and_distinct_per_iteration():
-    a = DatasetReady(migration_id="m-001", iteration=0, spec=SPEC, dataset=REF, test=REF, train_rows=1, synthetic_rows=0)
+    a = DatasetReady(
+        migration_id="m-001", iteration=0, spec=SPEC, dataset=REF, test=REF, train_rows=1, synthetic_rows=0
+    )
     b = a.model_copy(update={"iteration": 1})
     assert event_id(a) == event_id(a.model_copy())
     assert event_id(a) != event_id(b)

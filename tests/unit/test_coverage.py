@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from llamaduo.contract.spec import CoverageSpec
 from llamaduo.data import DatasetError, make_row, parse_jsonl
 from llamaduo_coordinator.coverage import split_coverage
@@ -60,9 +59,7 @@ def test_seeded_split_is_deterministic_and_disjoint():
 
 
 def test_users_own_split_is_honoured():
-    rows = parse_jsonl(
-        jsonl(*[chat(f"q{i}", f"a{i}", split="test" if i < 3 else "train") for i in range(10)]), "c"
-    )
+    rows = parse_jsonl(jsonl(*[chat(f"q{i}", f"a{i}", split="test" if i < 3 else "train") for i in range(10)]), "c")
     train, test = split_coverage(rows, CoverageSpec(uri="x"))
     assert [r.prompt for r in test] == ["q0", "q1", "q2"]
     assert len(train) == 7

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import yaml
-
 from llamaduo.contract import ALL_EVENTS
 from llamaduo.contract.schemas import asyncapi_document, rendered
 
