@@ -34,7 +34,8 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy shared/llamaduo services/*/llamaduo_*
+	$(VENV)/bin/mypy -p llamaduo -p llamaduo_coordinator -p llamaduo_synthesizer -p llamaduo_trainer \
+		-p llamaduo_inferencer -p llamaduo_judge
 
 schemas: install
 	$(VENV)/bin/llamaduo schemas --out schemas

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import nats
 import pytest
+
 from llamaduo.bus import Binding, BusSettings, Publisher, build_app, provision_bus
 from llamaduo.client import Client
 from llamaduo.contract import MigrationCancel, TaskFailed

@@ -4,6 +4,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+
 from llamaduo.contract import ArtifactRef
 from llamaduo.store import ArtifactMissing, ChecksumMismatch, LocalStore, artifact_key
 from llamaduo.store.archive import pack_dir, unpack_dir

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from llamaduo.contract import (
     ALL_EVENTS,
     ArtifactRef,

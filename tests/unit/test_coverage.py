@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from llamaduo.contract.spec import CoverageSpec
 from llamaduo.data import DatasetError, make_row, parse_jsonl
 from llamaduo_coordinator.coverage import split_coverage

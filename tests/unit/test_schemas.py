@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import yaml
+
 from llamaduo.contract import ALL_EVENTS
 from llamaduo.contract.schemas import asyncapi_document, rendered
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from faststream import FastStream
+
 from llamaduo.bus import Binding, build_app, run_app
 from llamaduo.contract import DatasetReady, EvaluationCompleted, MigrationCancel, MigrationRequested, TaskFailed
 from llamaduo.store import open_store
 from llamaduo.telemetry import configure_logging
-
 from llamaduo_coordinator.lifecycle import Coordinator
 from llamaduo_coordinator.settings import CoordinatorSettings
 

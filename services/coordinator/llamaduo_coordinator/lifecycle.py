@@ -21,7 +21,6 @@ from llamaduo.contract import (
 from llamaduo.data import JSONL_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, DatasetError, DatasetManifest, Shard, dump_jsonl
 from llamaduo.state import IterationRecord, MigrationState
 from llamaduo.store import ArtifactError, ArtifactStore, artifact_key
-
 from llamaduo_coordinator.coverage import read_coverage, split_coverage
 from llamaduo_coordinator.decisions import decide
 

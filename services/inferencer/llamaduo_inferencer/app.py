@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from faststream import FastStream
+
 from llamaduo.bus import Binding, build_app, run_app
 from llamaduo.contract import ModelTrained
 from llamaduo.store import open_store

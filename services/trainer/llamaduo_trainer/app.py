@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from faststream import FastStream
+
 from llamaduo.bus import Binding, build_app, run_app
 from llamaduo.contract import DatasetReady
 from llamaduo.store import open_store
 from llamaduo.telemetry import configure_logging
-
 from llamaduo_trainer.settings import TrainerSettings
 from llamaduo_trainer.task import TrainingTask
 

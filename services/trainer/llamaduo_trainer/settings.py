@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pydantic_settings import SettingsConfigDict
+
 from llamaduo.localmodel import LocalModelSettings
 from llamaduo.settings import WorkerSettings
-from pydantic_settings import SettingsConfigDict
 
 
 class TrainerSettings(WorkerSettings, LocalModelSettings):

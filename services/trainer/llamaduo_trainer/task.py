@@ -13,7 +13,6 @@ from llamaduo.data import read_manifest, read_training_rows
 from llamaduo.localmodel import resolve_base_model
 from llamaduo.store import ArtifactStore, artifact_key
 from llamaduo.store.archive import TAR_MEDIA_TYPE, pack_dir
-
 from llamaduo_trainer.finetune import TrainResult, train_adapter
 from llamaduo_trainer.settings import TrainerSettings
 

@@ -23,6 +23,7 @@ from llamaduo.bus.settings import BusSettings
 from llamaduo.contract import Event, PoisonMessage, Progress, TaskFailed, decode
 from llamaduo.contract.events import IterationEvent, Service
 from llamaduo.data import DatasetError
+from llamaduo.llm import LLMRequestError
 from llamaduo.store import ArtifactError
 from llamaduo.telemetry import ContextLogger, get_logger
 
@@ -46,6 +47,9 @@ def terminal_reason(exc: BaseException) -> tuple[str, str] | None:
         return exc.reason, str(exc)
     if isinstance(exc, DatasetError):
         return "invalid_dataset", str(exc)
+    if isinstance(exc, LLMRequestError):
+        # 400/401/403/404 from the service LLM: a wrong key, model or request is not fixed by retrying.
+        return "service_llm_rejected", str(exc)
     return None
 
 

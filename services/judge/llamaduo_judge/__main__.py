@@ -1,0 +1,3 @@
+from llamaduo_judge.app import main
+
+main()

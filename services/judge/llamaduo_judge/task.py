@@ -1,0 +1,79 @@
+"""One judging task: responses.ready in, judgments artifact and evaluation.completed out (idempotent by key)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from llamaduo.bus import TaskContext
+from llamaduo.contract import EvaluationCompleted, Event, MetricSummary, ResponsesReady, Spend
+from llamaduo.data import JSONL_MEDIA_TYPE, read_rows
+from llamaduo.data.results import PromptResponses, dump_models, load_models
+from llamaduo.llm import ServiceLLM, resolve
+from llamaduo.store import ArtifactStore, artifact_key
+from llamaduo_judge.judging import judge_responses
+from llamaduo_judge.settings import JudgeSettings
+
+SUMMARY_MEDIA_TYPE = "application/vnd.llamaduo.evaluation+json"
+
+
+class JudgingTask:
+    """Scores every response with the service LLM as judge, or re-emits the stored evaluation."""
+
+    def __init__(self, settings: JudgeSettings, store: ArtifactStore) -> None:
+        self.settings = settings
+        self.store = store
+
+    async def __call__(self, event: ResponsesReady, ctx: TaskContext) -> list[Event]:
+        """Handle responses.ready."""
+        judgments_key = artifact_key(event.migration_id, event.iteration, "judgments", "judgments.jsonl")
+        summary_key = artifact_key(event.migration_id, event.iteration, "judgments", "evaluation.json")
+        stored = await asyncio.to_thread(self.store.head, summary_key, SUMMARY_MEDIA_TYPE)
+        judgments_ref = await asyncio.to_thread(self.store.head, judgments_key, JSONL_MEDIA_TYPE)
+        if stored is not None and judgments_ref is not None:
+            ctx.log.info("evaluation already stored; re-emitting")
+            summary = json.loads(await asyncio.to_thread(self.store.read_bytes, stored))
+        else:
+            test_rows = await asyncio.to_thread(read_rows, self.store, event.test)
+            raw = await asyncio.to_thread(self.store.read_bytes, event.responses)
+            responses = load_models(raw, PromptResponses, event.responses.uri)
+            llm = ServiceLLM(resolve(self.settings.service_llm, event.spec.evaluation.judge), self.store)
+            try:
+                outcome = await judge_responses(
+                    test_rows,
+                    responses,
+                    llm,
+                    evaluation=event.spec.evaluation,
+                    task=event.spec.task,
+                    cache_scope=event.migration_id,
+                    on_progress=ctx.progress_reporter("judging"),
+                )
+            finally:
+                await llm.aclose()
+            judgments_ref = await asyncio.to_thread(
+                self.store.put_bytes, judgments_key, dump_models(outcome.judgments), JSONL_MEDIA_TYPE
+            )
+            summary = {
+                "judge_model": llm.model,
+                "scores": {metric: value.model_dump() for metric, value in outcome.scores.items()},
+                "failed": outcome.failed,
+                "spend": outcome.spend.model_dump(),
+            }
+            # Written last: its presence means the whole output exists.
+            await asyncio.to_thread(
+                self.store.put_bytes, summary_key, json.dumps(summary, indent=1).encode(), SUMMARY_MEDIA_TYPE
+            )
+        return [
+            EvaluationCompleted(
+                migration_id=event.migration_id,
+                iteration=event.iteration,
+                spec=event.spec,
+                adapter=event.adapter,
+                dataset=event.dataset,
+                test=event.test,
+                judgments=judgments_ref,
+                scores={metric: MetricSummary.model_validate(value) for metric, value in summary["scores"].items()},
+                failed_judgments=int(summary["failed"]),
+                spend=Spend.model_validate(summary["spend"]),
+            )
+        ]

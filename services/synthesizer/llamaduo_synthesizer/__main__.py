@@ -1,0 +1,3 @@
+from llamaduo_synthesizer.app import main
+
+main()
