@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from llamaduo.contract.spec import SynthesisSpec, TaskSpec
 from llamaduo.data.rows import ChatRow, make_row
 from llamaduo.store import LocalStore
 from llamaduo_synthesizer.synthesis import normalize, synthesize
-
 from tests.support.llm import make_service_llm
 from tests.support.scripted_llm import ScriptedLLM
 
@@ -116,9 +116,7 @@ async def test_no_test_row_ever_reaches_the_generator(server: ScriptedLLM, store
         assert row.reference not in sent
 
 
-async def test_duplicates_test_prompts_empty_and_long_pairs_are_dropped(
-    server: ScriptedLLM, store: LocalStore
-) -> None:
+async def test_duplicates_test_prompts_empty_and_long_pairs_are_dropped(server: ScriptedLLM, store: LocalStore) -> None:
     served: list[int] = []
 
     def pairs(body: dict[str, Any], count: int) -> list[dict[str, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from llamaduo.bus import TaskContext
+from llamaduo.bus import TaskContext, TaskError
 from llamaduo.contract import EvaluationCompleted, Event, MetricSummary, ResponsesReady, Spend
 from llamaduo.data import JSONL_MEDIA_TYPE, read_rows
 from llamaduo.data.results import PromptResponses, dump_models, load_models
@@ -48,6 +48,8 @@ class JudgingTask:
                     cache_scope=event.migration_id,
                     on_progress=ctx.progress_reporter("judging"),
                 )
+            except ValueError as exc:  # responses that do not match the test split
+                raise TaskError("responses_mismatch", str(exc)) from exc
             finally:
                 await llm.aclose()
             judgments_ref = await asyncio.to_thread(

@@ -87,6 +87,8 @@ class SynthesisTask:
                 seed=event.spec.coverage.split_seed,
                 on_progress=ctx.progress_reporter("synthesis"),
             )
+        except ValueError as exc:  # no usable seed: every train row repeats a test row
+            raise TaskError("no_usable_seeds", str(exc)) from exc
         finally:
             await llm.aclose()
         if not outcome.rows:

@@ -1,0 +1,224 @@
+"""Whole migrations on the real bus: nats-server, the five services as separate processes (exactly as
+`llamaduo up` runs them), the directory store, a tiny random model and a scripted service LLM."""
+
+import asyncio
+import json
+import tarfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import nats
+import pytest
+
+from llamaduo.client import Client, load_spec
+from llamaduo.contract import Event, MigrationGraduated, MigrationRequested, decode
+from llamaduo.data import parse_jsonl, read_manifest
+from llamaduo.embedded.stack import Stack, StackConfig
+from llamaduo.settings import WorkerSettings
+from llamaduo.store import open_store, path_from_file_uri
+from tests.support.scripted_llm import ScriptedLLM
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "commit-message" / "spec.yaml"
+
+
+@pytest.fixture(scope="module")
+def scripted_llm():
+    with ScriptedLLM(judge_score=70) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model_dir, scripted_llm):
+    state = tmp_path_factory.mktemp("stack")
+    config = StackConfig(
+        state_dir=state,
+        service_llm_base_url=scripted_llm.base_url,
+        service_llm_model=scripted_llm.model,
+        extra_env={"LLAMADUO_RETRY_BASE_DELAY_S": "0.2", "LLAMADUO_LOG_LEVEL": "INFO"},
+    )
+    with Stack(config) as running:
+        yield running
+    for log in sorted((state / "logs").glob("*.log")):
+        print(f"--- {log.name} (tail) ---\n" + "\n".join(log.read_text().splitlines()[-15:]))
+
+
+def tiny_spec(tiny_model_dir: Path, **overrides):
+    spec = load_spec(EXAMPLE)
+    update = {
+        "base_model": spec.base_model.model_copy(update={"id": str(tiny_model_dir)}),
+        "training": spec.training.model_copy(update={"epochs": 1, "max_steps": 3, "batch_size": 8}),
+        "inference": spec.inference.model_copy(update={"responses_per_prompt": 2, "max_new_tokens": 8}),
+        "synthesis": spec.synthesis.model_copy(update={"first_round_rows": 6}),
+    }
+    update.update(overrides)
+    return spec.model_copy(update=update)
+
+
+def settings_of(stack: Stack) -> WorkerSettings:
+    return WorkerSettings(nats_url=stack.nats_url, store_url=stack.store_url)
+
+
+async def run_migration(stack: Stack, spec, migration_id: str) -> tuple[list[Event], object]:
+    settings = settings_of(stack)
+    async with Client(settings, settings) as client:
+        since = datetime.now(UTC)
+        await client.submit(spec, migration_id)
+        events = [event async for event in client.follow(migration_id, since, idle_timeout=300)]
+        return events, await client.status(migration_id)
+
+
+def names(events: list[Event]) -> list[str]:
+    return [f"{e.name}@{getattr(e, 'iteration', '-')}" for e in events if e.name != "progress"]
+
+
+def thresholds(spec, value: float):
+    return spec.evaluation.model_copy(update={"thresholds": {"similarity": value, "precision": value}})
+
+
+async def test_a_migration_graduates_with_an_adapter_that_loads(stack, tiny_model_dir, scripted_llm):
+    spec = tiny_spec(tiny_model_dir)
+    spec = spec.model_copy(update={"evaluation": thresholds(spec, 60)})
+    events, state = await run_migration(stack, spec, "e2e-graduates")
+    assert names(events) == [
+        "migration.requested@-",
+        "dataset.ready@0",
+        "model.trained@0",
+        "responses.ready@0",
+        "evaluation.completed@0",
+        "migration.graduated@0",
+    ]
+    assert any(e.name == "progress" for e in events), "workers report progress"
+    graduated = events[-1]
+    assert isinstance(graduated, MigrationGraduated)
+    assert graduated.scores["similarity"].mean == 70
+    assert state.status == "graduated"
+    assert state.spend.calls == 16 * 2  # 16 test prompts x 2 responses x 1 repeat, each charged once
+    store = open_store(settings_of(stack))
+    adapter_tar = path_from_file_uri(graduated.adapter.uri)
+    assert store.read_bytes(graduated.adapter)  # the sha256 in the event matches the stored bytes
+    with tarfile.open(adapter_tar) as tar:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(tar.getnames())
+    # The test split never trained on: no test prompt in the iteration-0 training data.
+    manifest = read_manifest(store, state.iterations[0].dataset)
+    train_prompts = {row.prompt for shard in manifest.shards for row in parse_jsonl(store.read_bytes(shard.ref), "x")}
+    test_prompts = {row.prompt for row in parse_jsonl(store.read_bytes(state.test), "t")}
+    assert len(test_prompts) == 16 and not train_prompts & test_prompts
+
+
+async def test_a_migration_that_never_clears_the_bar_fails_at_its_iteration_limit(stack, tiny_model_dir, scripted_llm):
+    spec = tiny_spec(tiny_model_dir)
+    spec = spec.model_copy(update={"evaluation": thresholds(spec, 95)})
+    before = len(scripted_llm.requests)
+    events, state = await run_migration(stack, spec, "e2e-iteration-limit")
+    assert names(events) == [
+        "migration.requested@-",
+        "dataset.ready@0",
+        "model.trained@0",
+        "responses.ready@0",
+        "evaluation.completed@0",
+        "migration.need_more_data@0",
+        "dataset.ready@1",
+        "model.trained@1",
+        "responses.ready@1",
+        "evaluation.completed@1",
+        "migration.failed@1",
+    ]
+    failed = events[-1]
+    assert failed.reason == "budget:iterations"
+    assert failed.best_adapter is not None, "the best adapter so far is still published"
+    grown = next(e for e in events if e.name == "dataset.ready" and e.iteration == 1)
+    assert grown.synthetic_rows >= 6 and grown.train_rows == events[1].train_rows + grown.synthetic_rows
+    assert state.status == "failed" and [r.decision for r in state.iterations] == ["need_more_data", "failed"]
+    # Decontamination: no test prompt ever reached the service LLM in a synthesis request.
+    store = open_store(settings_of(stack))
+    test_prompts = [row.prompt for row in parse_jsonl(store.read_bytes(state.test), "t")]
+    synthesis_requests = [
+        json.dumps(r)
+        for r in scripted_llm.requests[before:]
+        if "synthetic_pairs" in json.dumps(r.get("response_format"))
+    ]
+    assert synthesis_requests
+    assert not any(prompt in request for prompt in test_prompts for request in synthesis_requests)
+
+
+async def test_a_duplicate_request_does_nothing(stack, tiny_model_dir):
+    spec = tiny_spec(tiny_model_dir)
+    spec = spec.model_copy(update={"evaluation": thresholds(spec, 60)})
+    events, _ = await run_migration(stack, spec, "e2e-duplicate")
+    assert events[-1].name == "migration.graduated"
+    settings = settings_of(stack)
+    async with Client(settings, settings) as client:
+        from llamaduo.bus import Publisher
+
+        # Same migration id, a new message id: JetStream's dedup cannot catch it, the coordinator must.
+        again = MigrationRequested(migration_id="e2e-duplicate", spec=events[0].spec)
+        await Publisher(client.js, "test", settings).publish(again, ce_id="e2e-duplicate:again")
+        await asyncio.sleep(4)
+        nc = await nats.connect(stack.nats_url)
+        sub = await nc.jetstream().subscribe("llamaduo.v1.dataset.ready", ordered_consumer=True)
+        seen = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=1)
+                if msg.headers.get("ce-subject") == "e2e-duplicate":
+                    seen.append(json.loads(msg.data)["iteration"])
+        except nats.errors.TimeoutError:
+            pass
+        await nc.close()
+        assert seen == [0]
+        assert (await client.status("e2e-duplicate")).status == "graduated"
+
+
+async def test_malformed_events_are_dead_lettered_and_the_services_keep_serving(stack, tiny_model_dir):
+    nc = await nats.connect(stack.nats_url)
+    js = nc.jetstream()
+    await js.publish("llamaduo.v1.model.trained", b"{not json", headers={"Nats-Msg-Id": "e2e-garbage-1"})
+    bad = {"migration_id": "e2e-poisoned", "iteration": 0, "schema_version": 1}
+    await js.publish("llamaduo.v1.dataset.ready", json.dumps(bad).encode(), headers={"Nats-Msg-Id": "e2e-garbage-2"})
+    spec = tiny_spec(tiny_model_dir)
+    spec = spec.model_copy(update={"evaluation": thresholds(spec, 60)})
+    events, _ = await run_migration(stack, spec, "e2e-after-poison")
+    assert events[-1].name == "migration.graduated"
+    sub = await js.subscribe("llamaduo.v1.deadletter.>", ordered_consumer=True)
+    dead = {}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            msg = await sub.next_msg(timeout=1)
+        except nats.errors.TimeoutError:
+            break
+        dead[msg.headers["llamaduo-dlq-event-id"]] = (msg.subject, msg.headers["llamaduo-dlq-reason"])
+    await nc.close()
+    assert dead["e2e-garbage-1"] == ("llamaduo.v1.deadletter.inferencer", "invalid_json")
+    assert dead["e2e-garbage-2"] == ("llamaduo.v1.deadletter.trainer", "schema_violation")
+    settings = settings_of(stack)
+    async with Client(settings, settings) as client:
+        poisoned = await client.status("e2e-poisoned")
+    # No state exists for a migration nobody requested; the poison is parked, not applied.
+    assert poisoned is None
+
+
+def test_decoding_every_event_in_the_stream_succeeds(stack):
+    async def check() -> int:
+        nc = await nats.connect(stack.nats_url)
+        sub = await nc.jetstream().subscribe("llamaduo.v1.>", stream="LLAMADUO_EVENTS", ordered_consumer=True)
+        count = 0
+        from llamaduo.contract import EVENTS_BY_NAME
+
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=1)
+                name = msg.subject.removeprefix("llamaduo.v1.")
+                if msg.headers.get("Nats-Msg-Id", "").startswith("e2e-garbage"):
+                    continue
+                decode(msg.data, EVENTS_BY_NAME[name], msg.headers)
+                assert {"ce-id", "ce-source", "ce-type", "ce-specversion", "ce-time"} <= set(msg.headers)
+                count += 1
+        except nats.errors.TimeoutError:
+            pass
+        await nc.close()
+        return count
+
+    assert asyncio.run(check()) > 20

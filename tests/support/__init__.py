@@ -1,0 +1,1 @@
+"""Test support: scripted servers and helpers shared by unit, integration and end-to-end tests."""

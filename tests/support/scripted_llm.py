@@ -1,0 +1,531 @@
+"""A scripted OpenAI-compatible chat server for tests: real HTTP on loopback, canned JSON answers, injected faults.
+
+In a test::
+
+    with ScriptedLLM(judge_score=80) as llm:
+        llm.script(Fault.rate_limit(1.0), "500", "malformed")
+        ...  # point a client at llm.base_url
+
+Standalone (end-to-end runs)::
+
+    python -m tests.support.scripted_llm --port 8099 --judge-score 80 --fault-rate 0.1 --seed 0
+
+It answers `POST /v1/chat/completions`. A request whose `response_format` schema is named `judgment` gets
+`{"similarity", "precision", "reason"}`; one named `synthetic_pairs` gets `{"pairs": [...]}` with as many new,
+distinct pairs as the schema's `maxItems`, derived from the seed pair in the prompt. Without `response_format` the
+schema name is looked for in the prompt and the JSON comes wrapped in prose, like a chat model that ignores formats.
+`POST /scripted/config` changes `judge_score`, `fault_rate`, `latency_s` and the fault queue of a running server;
+`GET /scripted/stats` reports request counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import hashlib
+import json
+import random
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+FaultKind = Literal["status", "delay", "malformed", "garbage", "refuse_schema"]
+JudgeScore = int | Callable[[dict[str, Any]], int | tuple[int, int]]
+PairsFactory = Callable[[dict[str, Any], int], list[dict[str, str]]]
+_SEED_INSTRUCTION = re.compile(r"<example_instruction>\s*(.*?)\s*</example_instruction>", re.DOTALL)
+_MAX_ITEMS = re.compile(r'"maxItems"\s*:\s*(\d+)')
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One scripted misbehaviour, consumed by the next request."""
+
+    kind: FaultKind
+    status: int = 500
+    retry_after: str | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def rate_limit(cls, retry_after: float | str | None = 1.0) -> Fault:
+        """HTTP 429 with `Retry-After` (seconds, or an HTTP date string; None for no header)."""
+        return cls("status", status=429, retry_after=None if retry_after is None else str(retry_after))
+
+    @classmethod
+    def error(cls, status: int = 500, retry_after: float | str | None = None) -> Fault:
+        """An HTTP error status (500, 503, 400, 401 ...)."""
+        return cls("status", status=status, retry_after=None if retry_after is None else str(retry_after))
+
+    @classmethod
+    def delay(cls, seconds: float) -> Fault:
+        """Answer normally after `seconds` (a client with a shorter timeout sees a timeout)."""
+        return cls("delay", seconds=seconds)
+
+    @classmethod
+    def malformed(cls) -> Fault:
+        """A valid completion whose message content is not JSON."""
+        return cls("malformed")
+
+    @classmethod
+    def garbage(cls) -> Fault:
+        """A 200 response whose body is not JSON at all."""
+        return cls("garbage")
+
+    @classmethod
+    def parse(cls, value: Fault | str | int) -> Fault:
+        """A fault from shorthand: 429, "429:2.5" (Retry-After), 500, "timeout:3", "delay:3", "malformed", "garbage"."""
+        if isinstance(value, Fault):
+            return value
+        text = str(value).strip().lower()
+        head, _, arg = text.partition(":")
+        if head.isdigit():
+            status = int(head)
+            if status == 429:
+                return cls.rate_limit(arg or "1")
+            return cls.error(status, arg or None)
+        if head in ("timeout", "delay"):
+            return cls.delay(float(arg or "5"))
+        if head == "malformed":
+            return cls.malformed()
+        if head == "garbage":
+            return cls.garbage()
+        if head == "refuse_schema":
+            return cls("refuse_schema", status=400)
+        raise ValueError(f"unknown fault {value!r}")
+
+
+@dataclass
+class _State:
+    judge_score: JudgeScore = 80
+    fault_rate: float = 0.0
+    fault_kinds: tuple[str, ...] = ("429:0.05", "500", "malformed")
+    latency_s: float = 0.0
+    supports_json_schema: bool = True
+    pairs_factory: PairsFactory | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    queue: collections.deque[Fault] = field(default_factory=collections.deque)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    served: int = 0
+    faults_served: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    pairs_made: int = 0
+
+
+def _prompt_text(body: dict[str, Any]) -> str:
+    parts = []
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return "\n".join(parts)
+
+
+def _schema_of(body: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        return spec.get("name"), spec.get("schema")
+    text = _prompt_text(body)
+    for name in ("synthetic_pairs", "judgment"):
+        if name in text:
+            return name, None
+    return None, None
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+class ScriptedLLM:
+    """A scripted OpenAI-compatible server on 127.0.0.1, run in a background thread (a context manager)."""
+
+    def __init__(
+        self,
+        *,
+        judge_score: JudgeScore = 80,
+        fault_rate: float = 0.0,
+        fault_kinds: tuple[str, ...] = ("429:0.05", "500", "malformed"),
+        seed: int = 0,
+        latency_s: float = 0.0,
+        supports_json_schema: bool = True,
+        pairs_factory: PairsFactory | None = None,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        model: str = "scripted-llm",
+    ) -> None:
+        self._lock = threading.Lock()
+        self._knobs: dict[str, Any] = {
+            "judge_score": judge_score,
+            "fault_rate": fault_rate,
+            "fault_kinds": fault_kinds,
+            "latency_s": latency_s,
+            "supports_json_schema": supports_json_schema,
+            "pairs_factory": pairs_factory,
+        }
+        self._seed = seed
+        self._state = _State(**self._knobs, rng=random.Random(seed))
+        self.host = host
+        self.port = port
+        self.model = model
+        self.app = self._build_app()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- knobs (thread-safe; usable while the server runs) ----
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL, e.g. http://127.0.0.1:PORT/v1."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """Every received request body, in arrival order (a copy)."""
+        with self._lock:
+            return list(self._state.requests)
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests the server was handling at once."""
+        with self._lock:
+            return self._state.max_in_flight
+
+    @property
+    def faults_served(self) -> int:
+        """How many requests got a fault instead of an answer."""
+        with self._lock:
+            return self._state.faults_served
+
+    @property
+    def judge_score(self) -> JudgeScore:
+        """The score every judgment gets: an int, or a function of the request body (int or (sim, prec))."""
+        return self._state.judge_score
+
+    @judge_score.setter
+    def judge_score(self, value: JudgeScore) -> None:
+        with self._lock:
+            self._state.judge_score = value
+
+    @property
+    def fault_rate(self) -> float:
+        """Probability that a request without a scripted fault gets a random one from `fault_kinds`."""
+        return self._state.fault_rate
+
+    @fault_rate.setter
+    def fault_rate(self, value: float) -> None:
+        with self._lock:
+            self._state.fault_rate = value
+
+    @property
+    def latency_s(self) -> float:
+        """Delay before every answer."""
+        return self._state.latency_s
+
+    @latency_s.setter
+    def latency_s(self, value: float) -> None:
+        with self._lock:
+            self._state.latency_s = value
+
+    @property
+    def pairs_factory(self) -> PairsFactory | None:
+        """Replaces the default synthetic pairs: called with the request body and the requested count."""
+        return self._state.pairs_factory
+
+    @pairs_factory.setter
+    def pairs_factory(self, value: PairsFactory | None) -> None:
+        with self._lock:
+            self._state.pairs_factory = value
+
+    def script(self, *faults: Fault | str | int) -> None:
+        """Queue faults; each is consumed by one request, in order, before any random fault."""
+        parsed = [Fault.parse(f) for f in faults]
+        with self._lock:
+            self._state.queue.extend(parsed)
+
+    def reset(self) -> None:
+        """Back to the constructor's knobs, with no requests, faults or statistics (to share one server)."""
+        with self._lock:
+            in_flight = self._state.in_flight
+            self._state = _State(**self._knobs, rng=random.Random(self._seed))
+            self._state.in_flight = self._state.max_in_flight = in_flight
+
+    def clear(self) -> None:
+        """Forget received requests and queued faults."""
+        with self._lock:
+            self._state.requests.clear()
+            self._state.queue.clear()
+            self._state.max_in_flight = 0
+
+    def prompts_text(self) -> str:
+        """All message text received so far, concatenated (to assert what never reached the service LLM)."""
+        return "\n".join(_prompt_text(body) for body in self.requests)
+
+    # ---- lifecycle ----
+
+    def start(self) -> ScriptedLLM:
+        """Bind a port (a free one when `port` is 0) and serve in a background thread."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+            timeout_keep_alive=30,
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="scripted")
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the scripted LLM server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and join the thread."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> ScriptedLLM:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- the HTTP app ----
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="scripted-llm", docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.get("/health")
+        @app.get("/v1/health")
+        async def health() -> dict[str, str]:
+            return {"status": "ok"}
+
+        @app.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            return {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "tests"}]}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Response:
+            try:
+                body = await request.json()
+            except ValueError:
+                return _error(400, "request body is not JSON")
+            if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+                return _error(400, "expected an object with a 'messages' list")
+            return await self._handle(body)
+
+        @app.post("/scripted/config")
+        async def configure(request: Request) -> dict[str, Any]:
+            update = await request.json()
+            with self._lock:
+                if "judge_score" in update:
+                    self._state.judge_score = int(update["judge_score"])
+                if "fault_rate" in update:
+                    self._state.fault_rate = float(update["fault_rate"])
+                if "latency_s" in update:
+                    self._state.latency_s = float(update["latency_s"])
+                if "seed" in update:
+                    self._state.rng = random.Random(int(update["seed"]))
+            self.script(*update.get("faults", []))
+            return {"ok": True}
+
+        @app.get("/scripted/stats")
+        async def stats() -> dict[str, Any]:
+            with self._lock:
+                return {
+                    "requests": len(self._state.requests),
+                    "served": self._state.served,
+                    "faults_served": self._state.faults_served,
+                    "max_in_flight": self._state.max_in_flight,
+                    "queued_faults": len(self._state.queue),
+                }
+
+        return app
+
+    def _next_fault(self) -> Fault | None:
+        state = self._state
+        if state.queue:
+            return state.queue.popleft()
+        if state.fault_rate > 0 and state.rng.random() < state.fault_rate:
+            return Fault.parse(state.rng.choice(state.fault_kinds))
+        return None
+
+    async def _handle(self, body: dict[str, Any]) -> Response:
+        with self._lock:
+            self._state.requests.append(body)
+            number = len(self._state.requests)
+            fault = self._next_fault()
+            latency = self._state.latency_s
+            self._state.in_flight += 1
+            self._state.max_in_flight = max(self._state.max_in_flight, self._state.in_flight)
+            if fault is not None:
+                self._state.faults_served += 1
+        try:
+            if latency > 0:
+                await asyncio.sleep(latency)
+            if fault is not None and fault.kind == "delay":
+                await asyncio.sleep(fault.seconds)
+                fault = None
+            if fault is not None and fault.kind == "status":
+                headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
+                return _error(fault.status, f"scripted HTTP {fault.status}", headers=headers)
+            if fault is not None and fault.kind == "garbage":
+                return PlainTextResponse("<html>502 Bad Gateway</html>", media_type="application/json")
+            structured = isinstance(body.get("response_format"), dict)
+            if (
+                structured
+                and body["response_format"].get("type") == "json_schema"
+                and (not self._state.supports_json_schema or (fault is not None and fault.kind == "refuse_schema"))
+            ):
+                return _error(400, "response_format json_schema is not supported here", param="response_format")
+            if fault is not None and fault.kind == "malformed":
+                content = 'Sure! Here is my answer: {"similarity": eighty, oops'
+            else:
+                content = self._answer(body, number)
+                if not structured:
+                    content = f"Here is the JSON you asked for:\n```json\n{content}\n```\nLet me know if you need more."
+            with self._lock:
+                self._state.served += 1
+            return JSONResponse(self._completion(body, content, number))
+        finally:
+            with self._lock:
+                self._state.in_flight -= 1
+
+    def _answer(self, body: dict[str, Any], number: int) -> str:
+        name, schema = _schema_of(body)
+        if name == "judgment":
+            score = self._state.judge_score
+            value = score(body) if callable(score) else score
+            similarity, precision = value if isinstance(value, tuple) else (value, value)
+            return json.dumps(
+                {
+                    "similarity": int(similarity),
+                    "precision": int(precision),
+                    "reason": f"scripted judgment {number}",
+                }
+            )
+        if name == "synthetic_pairs":
+            return json.dumps({"pairs": self._pairs(body, schema)})
+        return json.dumps({"answer": f"scripted reply {number}"})
+
+    def _pairs(self, body: dict[str, Any], schema: dict[str, Any] | None) -> list[dict[str, str]]:
+        text = _prompt_text(body)
+        count = 3
+        if schema is not None:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                count = int(schema["properties"]["pairs"]["maxItems"])
+        elif match := _MAX_ITEMS.search(text):
+            count = int(match.group(1))
+        if self._state.pairs_factory is not None:
+            return self._state.pairs_factory(body, count)
+        match = _SEED_INSTRUCTION.search(text)
+        topic = (match.group(1).strip() if match else "") or hashlib.sha256(text.encode()).hexdigest()[:12]
+        topic = " ".join(topic.split())[:80]
+        with self._lock:
+            start = self._state.pairs_made
+            self._state.pairs_made += count
+        # A global counter keeps every pair new, so deduplication never drops a whole reply.
+        return [
+            {
+                "instruction": f"Variation {n} of: {topic}",
+                "response": f"Answer {n}: a worked response in the style of the example about {topic}.",
+            }
+            for n in range(start + 1, start + count + 1)
+        ]
+
+    def _completion(self, body: dict[str, Any], content: str, number: int) -> dict[str, Any]:
+        prompt_tokens = _tokens(_prompt_text(body))
+        completion_tokens = _tokens(content)
+        return {
+            "id": f"chatcmpl-scripted-{number}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": str(body.get("model") or self.model),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+
+def _error(status: int, message: str, *, headers: dict[str, str] | None = None, param: str | None = None) -> Response:
+    kind = "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status, headers=headers
+    )
+
+
+@contextlib.contextmanager
+def scripted_llm(**kwargs: Any) -> Iterator[ScriptedLLM]:
+    """`ScriptedLLM(**kwargs)` as a plain context manager (for fixtures)."""
+    with ScriptedLLM(**kwargs) as server:
+        yield server
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve in the foreground until interrupted."""
+    parser = argparse.ArgumentParser(prog="python -m tests.support.scripted_llm", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8099)
+    parser.add_argument("--judge-score", type=int, default=80)
+    parser.add_argument("--fault-rate", type=float, default=0.0)
+    parser.add_argument("--fault-kinds", default="429:0.05,500,malformed", help="comma-separated fault shorthands")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before every answer")
+    parser.add_argument("--no-json-schema", action="store_true", help="refuse response_format json_schema (HTTP 400)")
+    args = parser.parse_args(argv)
+    server = ScriptedLLM(
+        judge_score=args.judge_score,
+        fault_rate=args.fault_rate,
+        fault_kinds=tuple(k for k in args.fault_kinds.split(",") if k),
+        seed=args.seed,
+        latency_s=args.latency,
+        supports_json_schema=not args.no_json_schema,
+        port=args.port,
+        host=args.host,
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(server.app, log_level="warning", access_log=False, lifespan="off")
+    # Bound before the line is printed, so a parent process may connect as soon as it reads it (--port 0 works).
+    print(f"scripted LLM listening on http://{args.host}:{port}/v1", flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()
