@@ -45,10 +45,10 @@ def build_app(service: Service, settings: BusSettings, bindings: list[Binding]) 
     broker = NatsBroker(
         **settings.connect_options(),  # type: ignore[arg-type]
         graceful_timeout=settings.graceful_timeout_s,
-        logger=logging.getLogger(f"faststream.{service}"),
+        logger=logging.getLogger(f"llamaduo.faststream.{service}"),
         log_level=logging.DEBUG,
     )
-    app = FastStream(broker, logger=logging.getLogger(f"faststream.{service}.app"))
+    app = FastStream(broker, logger=logging.getLogger(f"llamaduo.faststream.{service}.app"))
     workers: dict[str, Worker[Any]] = {}
 
     def worker_for(binding: Binding) -> Worker[Any]:
