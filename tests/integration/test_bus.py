@@ -221,3 +221,32 @@ async def test_an_observer_reads_every_event_without_taking_work(server):
         first = await watcher
         await wait_for(lambda: handled == ["watch-001"])
     assert isinstance(first, MigrationCancel)
+
+
+async def test_shutdown_hands_unfinished_work_back_at_once(server):
+    settings = settings_for(server, ack_wait_s=30.0, graceful_timeout_s=0.5)
+    await provision_bus(settings)
+    started: list[int] = []
+
+    async def stubborn(event, ctx):
+        started.append(ctx.delivery)
+        await asyncio.sleep(60)
+        return []
+
+    _, leaving = build_app(
+        "coordinator", settings, [Binding("coordinator-cancel", "cancel", MigrationCancel, stubborn, False)]
+    )
+    await leaving.start()
+    async with jetstream(settings) as js:
+        await Publisher(js, "test", settings).publish(MigrationCancel(migration_id="shutdown-001"))
+        await wait_for(lambda: started == [1])
+        await leaving.stop()
+        finished: list[int] = []
+
+        async def handle(event, ctx):
+            finished.append(ctx.delivery)
+            return []
+
+        async with running(settings, handle):
+            # Well inside ack_wait (30 s): the stopped replica nak'ed its task instead of sitting on it.
+            await wait_for(lambda: finished == [2], timeout=8)
