@@ -22,8 +22,9 @@ from llamaduo.contract import MigrationGraduated, MigrationSpec, Progress
 from llamaduo.embedded.stack import DEFAULT_SERVED_MODEL, STACK_FILE, Stack, StackConfig, read_stack_file
 
 app = typer.Typer(help="LlamaDuo: migrate a task from a service LLM to a small local model.", no_args_is_help=True)
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# soft_wrap: long lines stay whole in logs and pipes; event lines carry brackets, so no markup in them.
+console = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 StateDir = Annotated[Path, typer.Option("--state-dir", help="Where the embedded stack keeps its data and logs.")]
 
@@ -128,7 +129,7 @@ async def _migrate(settings: CliSettings, spec: MigrationSpec, migration_id: str
                     continue
                 last_progress = key
             if line:
-                console.print(f"{datetime.now().strftime('%H:%M:%S')}  {line}")
+                console.print(f"{datetime.now().strftime('%H:%M:%S')}  {line}", markup=False)
             graduated = graduated or isinstance(event, MigrationGraduated)
         state = await client.status(migration_id)
         if state:

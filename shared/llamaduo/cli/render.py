@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llamaduo.contract import (
@@ -79,26 +80,29 @@ def state_table(states: list[MigrationState]) -> Table:
 
 def print_outcome(console: Console, state: MigrationState) -> None:
     """What a finished migration produced and where it is."""
-    console.print(f"[bold]migration {state.migration_id}: {state.status}[/bold]")
+    console.print(f"[bold]migration {escape(state.migration_id)}: {state.status}[/bold]")
+    lines: list[str] = []
     if state.failure_reason:
-        console.print(f"  reason: {state.failure_reason} {state.failure_detail or ''}")
+        lines.append(f"  reason: {state.failure_reason} {state.failure_detail or ''}")
     for record in state.iterations:
         scores = _scores(record.scores) if record.scores else "not evaluated"
-        console.print(
+        lines.append(
             f"  iteration {record.iteration}: {record.train_rows} rows ({record.synthetic_rows} synthetic), "
             f"{scores}, decision {record.decision or '-'}"
         )
     best = state.best()
     if best and best.adapter:
         label = "adapter" if state.status == "graduated" else "best adapter so far"
-        console.print(f"  {label}: {best.adapter.uri}")
+        lines.append(f"  {label}: {best.adapter.uri}")
         if best.judgments:
-            console.print(f"  judgments: {best.judgments.uri}")
-        console.print(
+            lines.append(f"  judgments: {best.judgments.uri}")
+        lines.append(
             f"  serve it: llamaduo serve --model {state.spec.base_model.id} "
             f"--adapter {state.migration_id}={best.adapter.uri}"
         )
-    console.print(
+    lines.append(
         f"  service-LLM spend: ${state.spend.usd:.4f} over {state.spend.calls} calls "
         f"({state.spend.prompt_tokens + state.spend.completion_tokens} tokens)"
     )
+    for line in lines:
+        console.print(line, markup=False)
