@@ -251,7 +251,9 @@ def serve(
         raise _fail("`llamaduo serve` needs the inferencer: pip install llamaduo-inferencer") from None
     from llamaduo.cli.adapters import materialise_adapters
     from llamaduo.localmodel import LocalModelSettings
+    from llamaduo.telemetry import configure_logging
 
+    configure_logging("serve", os.environ.get("LLAMADUO_LOG_LEVEL", "INFO"))
     local = LocalModelSettings()
     try:
         adapters = materialise_adapters(adapter or [], local.model_cache / "adapters")
