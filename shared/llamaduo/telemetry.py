@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Mapping, MutableMapping
 from datetime import UTC, datetime
@@ -45,6 +46,17 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
     for noisy in ("werkzeug", "urllib3", "httpx", "httpcore", "openai", "filelock", "nats"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _silence_progress_bars()
+
+
+def _silence_progress_bars() -> None:
+    """Progress bars would break the one-JSON-object-a-line rule; our progress events replace them."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 class ContextLogger(logging.LoggerAdapter[logging.Logger]):

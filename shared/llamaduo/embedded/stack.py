@@ -96,6 +96,8 @@ class Stack:
                 "LLAMADUO_SERVICE_LLM_MODEL": self.service_llm_model,
                 "LLAMADUO_WORK_DIR": str(self.state_dir / "work"),
                 "HF_HUB_OFFLINE": "1",
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
                 "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONUNBUFFERED": "1",
             }
