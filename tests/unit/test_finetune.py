@@ -12,6 +12,10 @@ from typing import cast
 import datasets
 import pytest
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerBase
+
 from llamaduo.contract.spec import LoraSpec, TrainingSpec
 from llamaduo.data import parse_jsonl
 from llamaduo.data.rows import ChatRow
@@ -26,9 +30,6 @@ from llamaduo_trainer.finetune import (
     linear_module_names,
     train_adapter,
 )
-from peft import PeftModel
-from safetensors.torch import load_file
-from transformers import PreTrainedTokenizerBase
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "commit-message" / "coverage.jsonl"
 FAST = TrainingSpec(max_steps=3, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant")
@@ -110,6 +111,21 @@ def test_on_step_is_called_with_increasing_steps(trained: Trained) -> None:
     assert all(loss is not None and math.isfinite(loss) for _, _, loss in trained.steps_seen)
 
 
+def test_an_exception_from_on_step_aborts_and_saves_nothing(
+    tiny_model_dir: Path, rows: list[ChatRow], tmp_path: Path
+) -> None:
+    class Cancelled(Exception):
+        pass
+
+    def on_step(step: int, total: int, loss: float | None) -> None:
+        raise Cancelled(f"stop at {step}/{total}")
+
+    out_dir = tmp_path / "adapter"
+    with pytest.raises(Cancelled, match="stop at 1/3"):
+        train_adapter(tiny_model_dir, rows, out_dir, lora=LoraSpec(), training=FAST, device="cpu", on_step=on_step)
+    assert not out_dir.exists()
+
+
 def test_only_answer_tokens_carry_loss(tiny_model_dir: Path, tmp_path: Path) -> None:
     rows = [
         _row(("user", "Describe: added a flag"), ("assistant", "feat: add flag")),
@@ -183,6 +199,26 @@ def test_an_unknown_target_module_lists_the_linear_modules(
     assert {"q_proj", "down_proj", "lm_head"} <= set(linear_module_names(tiny_model_dir))
 
 
+def test_prompts_that_fill_max_length_are_rejected(tiny_model_dir: Path, tmp_path: Path) -> None:
+    long_prompt = _row(("user", "word " * 200), ("assistant", "ok"))
+    with pytest.raises(ValueError, match=r"fills training.max_length=64 tokens.*raise training.max_length"):
+        _build(tiny_model_dir, tmp_path, [long_prompt], max_length=64)
+
+
+def test_cut_answers_and_dropped_rows_are_logged(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = [
+        _row(("user", "word " * 200), ("assistant", "ok")),
+        _row(("user", "short"), ("assistant", "word " * 200)),
+        _row(("user", "short"), ("assistant", "ok")),
+    ]
+    with caplog.at_level("WARNING", logger="llamaduo_trainer.finetune"):
+        _build(tiny_model_dir, tmp_path, rows, max_length=64)
+    assert "1 of 3 training rows dropped" in caplog.text
+    assert "1 training rows reach max_length=64 tokens" in caplog.text
+
+
 def test_an_unknown_scheduler_is_rejected(tiny_model_dir: Path, tmp_path: Path, rows: list[ChatRow]) -> None:
     with pytest.raises(ValueError, match=r"unknown training.lr_scheduler 'sawtooth'; known: .*cosine"):
         _build(tiny_model_dir, tmp_path, rows, lr_scheduler="sawtooth")
@@ -228,6 +264,31 @@ def test_cpu_4bit_trains_and_loads(tiny_model_dir: Path, rows: list[ChatRow], tm
     assert all(t.abs().sum() > 0 for name, t in weights.items() if "lora_B" in name)
     base = load_causal_lm(tiny_model_dir, "cpu")
     PeftModel.from_pretrained(base, tmp_path)
+
+
+def test_cpu_4bit_gradients_survive_an_eval_forward(tiny_model_dir: Path, rows: list[ChatRow], tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    training = FAST.model_copy(update={"quantization": "4bit"})
+    lora = LoraSpec(dropout=0.0)  # two backward passes must see the same function
+    trainer, _ = build_sft_trainer(tiny_model_dir, rows[:4], tmp_path, lora=lora, training=training, device="cpu")
+    model = cast(torch.nn.Module, trainer.model)
+    dataset = cast(datasets.Dataset, trainer.train_dataset)
+    batch = trainer.data_collator([dataset[index] for index in range(4)])
+
+    def lora_b_grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model.train()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_B" in n and p.grad is not None}
+
+    before = lora_b_grads()
+    model.eval()
+    with torch.no_grad():
+        model(**batch)  # what generate/evaluate do; on AVX512-BF16 CPUs it used to repack the 4-bit weights
+    after = lora_b_grads()
+    assert before and before.keys() == after.keys()
+    assert all(before[name].abs().sum() > 0 for name in before)
+    assert all(torch.allclose(before[name], after[name], rtol=1e-4, atol=1e-6) for name in before)
 
 
 @pytest.mark.slow

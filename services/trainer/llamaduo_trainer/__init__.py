@@ -1,0 +1,1 @@
+"""LlamaDuo trainer service: (Q)LoRA fine-tuning of the local model on chat rows."""
