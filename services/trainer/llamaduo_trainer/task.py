@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 from collections.abc import Callable
 
@@ -73,7 +74,10 @@ class TrainingTask:
             "dataset": event.dataset.model_dump(),
             "rows": len(rows),
             "steps": result.steps,
-            "train_loss": result.train_loss,
+            # NaN (a diverged run) is not JSON: record it as unknown.
+            "train_loss": result.train_loss
+            if result.train_loss is not None and math.isfinite(result.train_loss)
+            else None,
             "seconds": result.seconds,
             "tokens": result.tokens,
             "tokens_per_second": result.tokens_per_second,

@@ -45,6 +45,15 @@ def _stack_config(state_dir: Path) -> StackConfig:
     )
 
 
+def _stop_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so `with Stack(...)` stops everything it started."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 @app.command()
 def up(
     state_dir: StateDir = Path(".llamaduo"),
@@ -163,6 +172,7 @@ def demo(
     except SpecError as exc:
         raise _fail(str(exc)) from None
     started = time.monotonic()
+    _stop_on_sigterm()
     with Stack(_stack_config(state_dir)) as stack:
         console.print(f"embedded stack started (logs in {stack.logs_dir}); waiting for the local service LLM")
         stack.wait_ready()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -42,10 +43,17 @@ def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> 
 class NatsServer:
     """A nats-server child process with JetStream and its data under `store_dir`."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        log_file: Path | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.log_file = log_file
+        self.preexec = preexec
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -58,7 +66,7 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [find_nats_server(), "-js", "-sd", str(self.store_dir), "-a", "127.0.0.1", "-p", str(self.port)]
         out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
-        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=self.preexec)
         try:
             wait_for_port(self.port)
         except TimeoutError:

@@ -21,6 +21,15 @@ STACK_FILE = "stack.json"
 DEFAULT_SERVED_MODEL = "bundled:smollm2-135m-instruct"
 
 
+def die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the supervisor dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 @dataclass
 class Child:
     """One supervised process."""
@@ -36,7 +45,9 @@ class Child:
         """Start (or restart) the process, appending to its log file."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
-            self.process = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+            )
 
     def stop(self, timeout: float) -> None:
         """SIGTERM, then SIGKILL after `timeout` seconds."""
@@ -103,6 +114,9 @@ class Stack:
             }
         )
         env.setdefault("LLAMADUO_SERVICE_LLM_API_KEY", "local-no-key")
+        # Trainer, inferencer and the local LLM share one machine's cores: idle OpenMP threads must sleep, not
+        # spin, or two torch processes slow each other down many times over.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.update(self.config.extra_env)
         return env
 
@@ -111,7 +125,9 @@ class Stack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
             if not self.nats_url:
-                self.nats = NatsServer(self.state_dir / "nats", log_file=self.logs_dir / "nats-server.log")
+                self.nats = NatsServer(
+                    self.state_dir / "nats", log_file=self.logs_dir / "nats-server.log", preexec=die_with_parent
+                )
                 self.logs_dir.mkdir(parents=True, exist_ok=True)
                 self.nats.start()
                 self.nats_url = self.nats.url
