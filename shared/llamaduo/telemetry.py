@@ -46,6 +46,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
     for noisy in ("werkzeug", "urllib3", "httpx", "httpcore", "openai", "filelock", "nats"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # library warnings become JSON records too
     _silence_progress_bars()
 
 

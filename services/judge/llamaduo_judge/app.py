@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-from faststream import FastStream
-
-from llamaduo.bus import Binding, build_app, run_app
+from llamaduo.bus import Binding, run_service
 from llamaduo.contract import ResponsesReady
 from llamaduo.store import open_store
-from llamaduo.telemetry import configure_logging
 from llamaduo_judge.settings import JudgeSettings
 from llamaduo_judge.task import JudgingTask
-
-
-def create_app(settings: JudgeSettings | None = None) -> FastStream:
-    """The judge app on its durable consumer."""
-    settings = settings or JudgeSettings()
-    task = JudgingTask(settings, open_store(settings))
-    app, _ = build_app("judge", settings, [Binding("judge", "judging", ResponsesReady, task)])
-    return app
 
 
 def main() -> None:
     """Console entry point: `llamaduo-judge`."""
     settings = JudgeSettings()
-    configure_logging("judge", settings.log_level)
-    run_app(create_app(settings))
+    run_service(
+        "judge",
+        settings,
+        lambda: [Binding("judge", "judging", ResponsesReady, JudgingTask(settings, open_store(settings)))],
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from llamaduo.bus.provisioning import (
     provision,
 )
 from llamaduo.bus.publisher import Publisher
-from llamaduo.bus.service import Binding, build_app, provision_bus, run_app
+from llamaduo.bus.service import Binding, build_app, provision_bus, run_app, run_service
 from llamaduo.bus.settings import BusSettings
 from llamaduo.bus.worker import TaskContext, TaskError, Worker
 
@@ -32,4 +32,5 @@ __all__ = [
     "provision",
     "provision_bus",
     "run_app",
+    "run_service",
 ]

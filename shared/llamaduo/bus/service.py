@@ -18,6 +18,7 @@ from llamaduo.bus.settings import BusSettings
 from llamaduo.bus.worker import Handler, Worker
 from llamaduo.contract import Event
 from llamaduo.contract.events import Service
+from llamaduo.telemetry import configure_logging
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,10 @@ def build_app(service: Service, settings: BusSettings, bindings: list[Binding]) 
 def run_app(app: FastStream) -> None:
     """Run until SIGINT/SIGTERM; in-flight tasks get the broker's graceful timeout to finish."""
     asyncio.run(app.run())
+
+
+def run_service(service: Service, settings: BusSettings, bindings: Callable[[], list[Binding]]) -> None:
+    """A service process's whole life: JSON logs, then its bindings (built after logging is set up), then run."""
+    configure_logging(service, getattr(settings, "log_level", "INFO"))
+    app, _ = build_app(service, settings, bindings())
+    run_app(app)
