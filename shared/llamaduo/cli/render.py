@@ -100,6 +100,10 @@ def print_outcome(console: Console, state: MigrationState) -> None:
             f"  serve it: llamaduo serve --model {state.spec.base_model.id} "
             f"--adapter {state.migration_id}={best.adapter.uri}"
         )
+        if state.status == "graduated":
+            lines.append(
+                f'  then in your app: OpenAI(base_url="http://127.0.0.1:8000/v1") with model="{state.migration_id}"'
+            )
     lines.append(
         f"  service-LLM spend: ${state.spend.usd:.4f} over {state.spend.calls} calls "
         f"({state.spend.prompt_tokens + state.spend.completion_tokens} tokens)"
