@@ -176,8 +176,22 @@ def demo(
     with Stack(_stack_config(state_dir)) as stack:
         console.print(f"embedded stack started (logs in {stack.logs_dir}); waiting for the local service LLM")
         stack.wait_ready()
+        failure: list[Exception] = []
+
+        def on_failure(exc: Exception) -> None:
+            failure.append(exc)
+            os.kill(os.getpid(), signal.SIGINT)  # stop following; `with Stack` then stops everything
+
+        supervisor = stack.supervise(on_failure)
         settings = CliSettings(nats_url=stack.nats_url, store_url=stack.store_url, state_dir=state_dir)
-        code = asyncio.run(_migrate(settings, spec, None, watch=True))
+        try:
+            code = asyncio.run(_migrate(settings, spec, None, watch=True))
+        except KeyboardInterrupt:
+            if not failure:
+                raise
+            raise _fail(f"the embedded stack failed: {failure[0]}") from None
+        finally:
+            supervisor.set()
     console.print(f"demo finished in {time.monotonic() - started:.0f}s; everything it started is stopped")
     raise typer.Exit(0 if code in (0, 3) else code)
 

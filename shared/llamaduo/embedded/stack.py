@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +24,11 @@ DEFAULT_SERVED_MODEL = "bundled:smollm2-135m-instruct"
 
 
 def die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when the supervisor dies, even by SIGKILL."""
+    """In the child, before exec: ask Linux to SIGTERM it when the supervisor dies, even by SIGKILL.
+
+    Linux ties this to the thread that started the child: a child restarted by `supervise`'s thread is stopped
+    when supervision ends, which is when the stack stops anyway.
+    """
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -195,6 +201,21 @@ class Stack:
                 child.restarts += 1
                 log.warning("restarting %s (exit code %s)", child.name, code)
                 child.start()
+
+    def supervise(self, on_failure: Callable[[Exception], None], interval: float = 1.0) -> threading.Event:
+        """Run `check` in a background thread until the returned event is set; report a child that keeps dying."""
+        stopped = threading.Event()
+
+        def loop() -> None:
+            while not stopped.wait(interval):
+                try:
+                    self.check()
+                except Exception as exc:
+                    on_failure(exc)
+                    return
+
+        threading.Thread(target=loop, name="stack-supervisor", daemon=True).start()
+        return stopped
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop every child (services first, then the service LLM, then nats-server)."""
