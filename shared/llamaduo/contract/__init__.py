@@ -5,6 +5,7 @@ from llamaduo.contract.envelope import PoisonMessage, decode, encode, event_id, 
 from llamaduo.contract.events import (
     ALL_EVENTS,
     EVENTS_BY_NAME,
+    Agreement,
     DatasetReady,
     EvaluationCompleted,
     Event,
@@ -27,6 +28,7 @@ from llamaduo.contract.subjects import dead_letter_subject, subject_for
 __all__ = [
     "ALL_EVENTS",
     "EVENTS_BY_NAME",
+    "Agreement",
     "ArtifactRef",
     "DatasetReady",
     "EvaluationCompleted",

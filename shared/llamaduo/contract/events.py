@@ -108,6 +108,19 @@ class MetricSummary(BaseModel):
     share_ge_50: float = Field(ge=0.0, le=1.0)
     share_ge_70: float = Field(ge=0.0, le=1.0)
     judged: int = Field(ge=0)
+    ci_low: float | None = Field(default=None, description="Lower bound of the bootstrap CI of the mean.")
+    ci_high: float | None = Field(default=None, description="Upper bound of the bootstrap CI of the mean.")
+
+
+class Agreement(BaseModel):
+    """How much the judges of a panel agree, per metric, over the responses they all scored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    judges: list[str]
+    spearman: dict[Metric, float | None] = Field(description="Mean pairwise Spearman rank correlation.")
+    krippendorff_alpha: dict[Metric, float | None] = Field(description="Krippendorff's alpha, interval metric.")
+    per_judge: dict[str, dict[Metric, MetricSummary]] = Field(default_factory=dict)
 
 
 class EvaluationCompleted(IterationEvent):
@@ -122,6 +135,8 @@ class EvaluationCompleted(IterationEvent):
     scores: dict[Metric, MetricSummary]
     failed_judgments: int = Field(ge=0, description="Judgments that never produced a valid score.")
     spend: Spend = Field(default_factory=Spend)
+    judges: list[str] = Field(default_factory=list, description="Model names of the judge (or the panel).")
+    agreement: Agreement | None = Field(default=None, description="Panel agreement; None with a single judge.")
 
 
 class NeedMoreData(IterationEvent):

@@ -105,10 +105,28 @@ class EvaluationSpec(_Section):
     """The judge and the graduation rule."""
 
     judge: ServiceLLMSpec = Field(default_factory=ServiceLLMSpec)
+    panel: list[ServiceLLMSpec] = Field(
+        default_factory=list,
+        description="More judges scoring the same responses; with any, `judge` and the panel form one panel.",
+    )
+    combine: Literal["mean", "strictest"] = Field(
+        default="mean", description="How a panel's scores of one response become one: their mean, or the lowest."
+    )
     repeats: int = Field(default=1, ge=1, le=20, description="Judgments per response, averaged (paper: 10).")
     thresholds: dict[Metric, float] = Field(
         default_factory=lambda: _default_thresholds(),
         description="Graduation when the mean of every listed metric reaches its threshold (1-100).",
+    )
+    gate: Literal["mean", "lower_ci"] = Field(
+        default="mean",
+        description="mean: the paper's rule (mean >= threshold); lower_ci: the bootstrap CI's lower bound >= it.",
+    )
+    min_judged: int = Field(default=1, ge=1, description="Fewer validly judged responses than this never graduate.")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0, description="Level of the bootstrap confidence interval.")
+    bootstrap_samples: int = Field(default=2000, ge=100, le=100_000)
+    logprob_weighting: bool = Field(
+        default=False,
+        description="G-Eval style: weight each score by the judge's token probabilities, where it returns logprobs.",
     )
 
     @model_validator(mode="after")

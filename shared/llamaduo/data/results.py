@@ -43,10 +43,11 @@ class Judgment(BaseModel):
     response_index: int = Field(ge=0)
     repeat: int = Field(ge=0)
     judge_model: str
-    similarity: int | None = Field(default=None, ge=1, le=100)
-    precision: int | None = Field(default=None, ge=1, le=100)
+    similarity: float | None = Field(default=None, ge=1, le=100)
+    precision: float | None = Field(default=None, ge=1, le=100)
     reason: str = ""
     error: str | None = None
+    weighted: bool = Field(default=False, description="Scores are probability-weighted (G-Eval), not the raw integers.")
 
 
 def dump_models(items: Iterable[BaseModel]) -> bytes:
