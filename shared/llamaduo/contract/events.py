@@ -47,7 +47,8 @@ class Spend(BaseModel):
     cached_calls: int = Field(default=0, ge=0)
     prompt_tokens: int = Field(default=0, ge=0)
     completion_tokens: int = Field(default=0, ge=0)
-    usd: float = Field(default=0.0, ge=0.0)
+    usd: float = Field(default=0.0, ge=0.0, description="Dollars of every call behind this output, paid once.")
+    cached_usd: float = Field(default=0.0, ge=0.0, description="Part of `usd` answered from the cache this time.")
 
     def __add__(self, other: Spend) -> Spend:
         return Spend(
@@ -56,6 +57,7 @@ class Spend(BaseModel):
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             usd=self.usd + other.usd,
+            cached_usd=self.cached_usd + other.cached_usd,
         )
 
 
