@@ -49,3 +49,28 @@ def test_synthetic_row_and_cost_caps():
     assert decide(spec(max_synthetic_rows=8), 1, scores(1, 1), Spend(), 8).reason == "budget:synthetic_rows"
     assert decide(spec(max_synthetic_rows=10), 1, scores(1, 1), Spend(), 8).new_rows == 2
     assert decide(spec(max_cost_usd=1.0), 0, scores(1, 1), Spend(usd=1.5), 0).reason == "budget:cost"
+
+
+def gated(gate: str, min_judged: int = 1) -> MigrationSpec:
+    base = spec()
+    evaluation = base.evaluation.model_copy(update={"gate": gate, "min_judged": min_judged})
+    return base.model_copy(update={"evaluation": evaluation})
+
+
+def with_ci(mean: float, low: float, judged: int = 10) -> dict:
+    summary = MetricSummary(
+        mean=mean, median=mean, share_ge_50=1.0, share_ge_70=0.5, judged=judged, ci_low=low, ci_high=mean + 5
+    )
+    return {"similarity": summary, "precision": summary}
+
+
+def test_the_statistical_gate_needs_the_lower_bound_above_the_threshold():
+    assert decide(gated("mean"), 0, with_ci(75, 65), Spend(), 0).action == "graduated"
+    verdict = decide(gated("lower_ci"), 0, with_ci(75, 65), Spend(), 0)
+    assert verdict.action == "need_more_data" and "similarity CI lower bound 65.0 < 70" in verdict.detail
+    assert decide(gated("lower_ci"), 0, with_ci(80, 72), Spend(), 0).action == "graduated"
+
+
+def test_too_few_judged_responses_never_graduate():
+    verdict = decide(gated("mean", min_judged=20), 0, with_ci(99, 98, judged=19), Spend(), 0)
+    assert verdict.action == "need_more_data" and "19 judged responses < min_judged 20" in verdict.detail

@@ -21,15 +21,29 @@ class Verdict:
 
 
 def passes(spec: MigrationSpec, scores: Mapping[Metric, MetricSummary]) -> tuple[bool, str]:
-    """The paper's gate: every thresholded metric's mean reaches its threshold."""
-    missing = [metric for metric in spec.evaluation.thresholds if metric not in scores or not scores[metric].judged]
+    """The gate the spec chose: every thresholded metric's mean (the paper's rule), or its lower CI bound, reaches
+    its threshold, over at least `min_judged` validly judged responses."""
+    evaluation = spec.evaluation
+    missing = [metric for metric in evaluation.thresholds if metric not in scores or not scores[metric].judged]
     if missing:
         return False, f"no valid judgments for {', '.join(missing)}"
-    short = [
-        f"{metric} {scores[metric].mean:.1f} < {threshold:g}"
-        for metric, threshold in spec.evaluation.thresholds.items()
-        if scores[metric].mean < threshold
+    thin = [
+        f"{metric} has {scores[metric].judged} judged responses < min_judged {evaluation.min_judged}"
+        for metric in evaluation.thresholds
+        if scores[metric].judged < evaluation.min_judged
     ]
+    if thin:
+        return False, "; ".join(thin)
+    short = []
+    for metric, threshold in evaluation.thresholds.items():
+        summary = scores[metric]
+        if evaluation.gate == "lower_ci":
+            if summary.ci_low is None:
+                short.append(f"{metric} has no confidence interval")
+            elif summary.ci_low < threshold:
+                short.append(f"{metric} CI lower bound {summary.ci_low:.1f} < {threshold:g}")
+        elif summary.mean < threshold:
+            short.append(f"{metric} {summary.mean:.1f} < {threshold:g}")
     return not short, "; ".join(short) or "every metric reached its threshold"
 
 

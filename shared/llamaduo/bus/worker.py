@@ -49,7 +49,7 @@ def terminal_reason(exc: BaseException) -> tuple[str, str] | None:
         return "invalid_dataset", str(exc)
     if isinstance(exc, LLMRequestError):
         # 400/401/403/404 from the service LLM: a wrong key, model or request is not fixed by retrying.
-        return "service_llm_rejected", str(exc)
+        return f"service_llm:{getattr(exc, 'reason', 'rejected')}", str(exc)
     return None
 
 
