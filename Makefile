@@ -8,7 +8,7 @@ PACKAGES := -e 'shared[embedded,local-model]' -e services/coordinator -e service
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint schemas up down bench clean
+.PHONY: install demo test test-fast lint schemas up down bench bench-judge clean
 
 $(STAMP): shared/pyproject.toml services/*/pyproject.toml requirements-dev.txt constraints.txt
 	python3 -m venv $(VENV)
@@ -48,6 +48,10 @@ down:
 
 bench: install
 	$(PY) tests/bench/bus_throughput.py
+
+# Judge throughput against a rate-limited scripted service LLM, ours vs the reference way, then a free re-run.
+bench-judge: install
+	$(PY) -m tests.bench.judge_throughput
 
 clean:
 	rm -rf .llamaduo .pytest_cache .mypy_cache .ruff_cache

@@ -14,8 +14,21 @@ It answers `POST /v1/chat/completions`. A request whose `response_format` schema
 `{"similarity", "precision", "reason"}`; one named `synthetic_pairs` gets `{"pairs": [...]}` with as many new,
 distinct pairs as the schema's `maxItems`, derived from the seed pair in the prompt. Without `response_format` the
 schema name is looked for in the prompt and the JSON comes wrapped in prose, like a chat model that ignores formats.
-`POST /scripted/config` changes `judge_score`, `fault_rate`, `latency_s` and the fault queue of a running server;
-`GET /scripted/stats` reports request counts.
+`POST /scripted/config` changes `judge_score`, `fault_rate`, `latency_s`, `rpm_limit` and the fault queue of a
+running server; `GET /scripted/stats` reports request counts.
+
+Rate limit: with `rpm_limit`, a request arriving when `rpm_limit` requests were accepted in the last `rate_window_s`
+seconds (a sliding window, 60 s by default) gets an immediate 429 with `Retry-After` set to the seconds until the
+oldest of them leaves the window. Rejected requests do not count against the window.
+
+Logprobs: a request with `logprobs: true` gets `choices[0].logprobs.content`, one entry per token of the content
+(unless `supports_logprobs=False`: then it is ignored, as many servers do). Tokens are simple, not a real tokenizer:
+JSON punctuation, words and whole numbers (a number is one token), each with the whitespace before it, so
+concatenating the tokens gives back the content. Every token has probability 0.99, except the score of a `judgment`
+(the number after `"similarity":` or `"precision":`): the true value has p=0.6 and the neighbouring scores ±5 and
+±10 share the rest (see `SCORE_ALTERNATIVES`), so the probability-weighted score of a mid-range value equals it and
+one near 1 or 100 is pulled inwards. `top_logprobs` alternatives are listed most likely first, the token itself
+included.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import math
 import random
 import re
 import socket
@@ -39,11 +53,18 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-FaultKind = Literal["status", "delay", "malformed", "garbage", "refuse_schema"]
+FaultKind = Literal["status", "delay", "malformed", "garbage", "refuse_schema", "refuse_logprobs"]
 JudgeScore = int | Callable[[dict[str, Any]], int | tuple[int, int]]
 PairsFactory = Callable[[dict[str, Any], int], list[dict[str, str]]]
 _SEED_INSTRUCTION = re.compile(r"<example_instruction>\s*(.*?)\s*</example_instruction>", re.DOTALL)
 _MAX_ITEMS = re.compile(r'"maxItems"\s*:\s*(\d+)')
+_TOKEN = re.compile(r"\s*(?:\d+|[A-Za-z_]+|[^\sA-Za-z_\d])|\s+")
+SCORE_METRICS = ("similarity", "precision")
+SCORE_PROBABILITY = 0.6
+"""Probability of the true score's token in a judgment's logprobs."""
+SCORE_ALTERNATIVES: dict[int, float] = {-5: 0.12, 5: 0.12, -10: 0.08, 10: 0.08}
+"""Offsets from the true score and their share of the remaining probability (renormalised where one leaves 1-100)."""
+PLAIN_LOGPROB = math.log(0.99)
 
 
 @dataclass(frozen=True)
@@ -82,7 +103,10 @@ class Fault:
 
     @classmethod
     def parse(cls, value: Fault | str | int) -> Fault:
-        """A fault from shorthand: 429, "429:2.5" (Retry-After), 500, "timeout:3", "delay:3", "malformed", "garbage"."""
+        """A fault from shorthand: 429, "429:2.5" (Retry-After), 500, "timeout:3", "delay:3", "malformed", "garbage".
+
+        Also "refuse_schema" and "refuse_logprobs": a 400 naming the feature, when the request uses it.
+        """
         if isinstance(value, Fault):
             return value
         text = str(value).strip().lower()
@@ -100,6 +124,8 @@ class Fault:
             return cls.garbage()
         if head == "refuse_schema":
             return cls("refuse_schema", status=400)
+        if head == "refuse_logprobs":
+            return cls("refuse_logprobs", status=400)
         raise ValueError(f"unknown fault {value!r}")
 
 
@@ -110,6 +136,7 @@ class _State:
     fault_kinds: tuple[str, ...] = ("429:0.05", "500", "malformed")
     latency_s: float = 0.0
     supports_json_schema: bool = True
+    supports_logprobs: bool = True
     pairs_factory: PairsFactory | None = None
     rng: random.Random = field(default_factory=random.Random)
     queue: collections.deque[Fault] = field(default_factory=collections.deque)
@@ -119,6 +146,10 @@ class _State:
     in_flight: int = 0
     max_in_flight: int = 0
     pairs_made: int = 0
+    rpm_limit: int | None = None
+    rate_window_s: float = 60.0
+    accepted: collections.deque[float] = field(default_factory=collections.deque)
+    rate_limited: int = 0
 
 
 def _prompt_text(body: dict[str, Any]) -> str:
@@ -148,6 +179,55 @@ def _tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
+def tokenize(text: str) -> list[str]:
+    """The scripted server's tokens: JSON punctuation, words, whole numbers, each with its leading whitespace."""
+    return _TOKEN.findall(text)
+
+
+def _score_alternatives(token: str) -> list[tuple[str, float]]:
+    """The candidates at a score's position, most likely first: the true value and its neighbours."""
+    prefix = token[: len(token) - len(token.lstrip())]
+    value = int(token.strip())
+    neighbours = {value + offset: share for offset, share in SCORE_ALTERNATIVES.items() if 1 <= value + offset <= 100}
+    total = sum(neighbours.values())
+    candidates = [(token, SCORE_PROBABILITY)]
+    if total > 0:
+        candidates += [
+            (f"{prefix}{score}", (1.0 - SCORE_PROBABILITY) * share / total) for score, share in neighbours.items()
+        ]
+    else:
+        candidates = [(token, 1.0)]
+    return sorted(candidates, key=lambda item: -item[1])
+
+
+def token_logprobs(content: str, top_logprobs: int, *, judgment: bool) -> list[dict[str, Any]]:
+    """OpenAI-shaped `logprobs.content` for `content` (see the module docstring for the numbers)."""
+    entries: list[dict[str, Any]] = []
+    key: str | None = None
+    previous = ""
+    for token in tokenize(content):
+        bare = token.strip()
+        is_score = judgment and bare.isdigit() and previous == ":" and key in SCORE_METRICS
+        candidates = _score_alternatives(token) if is_score else [(token, math.exp(PLAIN_LOGPROB))]
+        if bare and (bare[0].isalpha() or bare[0] == "_"):
+            key = bare
+        if bare:
+            previous = bare
+        chosen = dict(candidates)[token]
+        entries.append(
+            {
+                "token": token,
+                "logprob": math.log(chosen),
+                "bytes": list(token.encode()),
+                "top_logprobs": [
+                    {"token": alt, "logprob": math.log(p), "bytes": list(alt.encode())}
+                    for alt, p in candidates[:top_logprobs]
+                ],
+            }
+        )
+    return entries
+
+
 class ScriptedLLM:
     """A scripted OpenAI-compatible server on 127.0.0.1, run in a background thread (a context manager)."""
 
@@ -160,7 +240,10 @@ class ScriptedLLM:
         seed: int = 0,
         latency_s: float = 0.0,
         supports_json_schema: bool = True,
+        supports_logprobs: bool = True,
         pairs_factory: PairsFactory | None = None,
+        rpm_limit: int | None = None,
+        rate_window_s: float = 60.0,
         port: int = 0,
         host: str = "127.0.0.1",
         model: str = "scripted-llm",
@@ -172,7 +255,10 @@ class ScriptedLLM:
             "fault_kinds": fault_kinds,
             "latency_s": latency_s,
             "supports_json_schema": supports_json_schema,
+            "supports_logprobs": supports_logprobs,
             "pairs_factory": pairs_factory,
+            "rpm_limit": rpm_limit,
+            "rate_window_s": rate_window_s,
         }
         self._seed = seed
         self._state = _State(**self._knobs, rng=random.Random(seed))
@@ -207,6 +293,22 @@ class ScriptedLLM:
         """How many requests got a fault instead of an answer."""
         with self._lock:
             return self._state.faults_served
+
+    @property
+    def rate_limited(self) -> int:
+        """How many requests got a 429 from the `rpm_limit` window (scripted 429 faults not included)."""
+        with self._lock:
+            return self._state.rate_limited
+
+    @property
+    def rpm_limit(self) -> int | None:
+        """Requests accepted per `rate_window_s` sliding window; None for no limit."""
+        return self._state.rpm_limit
+
+    @rpm_limit.setter
+    def rpm_limit(self, value: int | None) -> None:
+        with self._lock:
+            self._state.rpm_limit = value
 
     @property
     def judge_score(self) -> JudgeScore:
@@ -348,6 +450,8 @@ class ScriptedLLM:
                     self._state.fault_rate = float(update["fault_rate"])
                 if "latency_s" in update:
                     self._state.latency_s = float(update["latency_s"])
+                if "rpm_limit" in update:
+                    self._state.rpm_limit = None if update["rpm_limit"] is None else int(update["rpm_limit"])
                 if "seed" in update:
                     self._state.rng = random.Random(int(update["seed"]))
             self.script(*update.get("faults", []))
@@ -362,6 +466,7 @@ class ScriptedLLM:
                     "faults_served": self._state.faults_served,
                     "max_in_flight": self._state.max_in_flight,
                     "queued_faults": len(self._state.queue),
+                    "rate_limited": self._state.rate_limited,
                 }
 
         return app
@@ -374,10 +479,29 @@ class ScriptedLLM:
             return Fault.parse(state.rng.choice(state.fault_kinds))
         return None
 
+    def _over_rate(self) -> float | None:
+        """Seconds until a slot frees when the window is full (the request is then rejected), else None (counted)."""
+        state = self._state
+        if state.rpm_limit is None:
+            return None
+        now = time.monotonic()
+        while state.accepted and state.accepted[0] <= now - state.rate_window_s:
+            state.accepted.popleft()
+        if len(state.accepted) >= state.rpm_limit:
+            state.rate_limited += 1
+            return max(0.001, state.accepted[0] + state.rate_window_s - now)
+        state.accepted.append(now)
+        return None
+
     async def _handle(self, body: dict[str, Any]) -> Response:
         with self._lock:
             self._state.requests.append(body)
             number = len(self._state.requests)
+            wait = self._over_rate()
+        if wait is not None:
+            # Rejected at once, before any latency, like a provider's rate limiter in front of its model servers.
+            return _error(429, "scripted rate limit reached", headers={"Retry-After": f"{wait:.3f}"})
+        with self._lock:
             fault = self._next_fault()
             latency = self._state.latency_s
             self._state.in_flight += 1
@@ -402,6 +526,8 @@ class ScriptedLLM:
                 and (not self._state.supports_json_schema or (fault is not None and fault.kind == "refuse_schema"))
             ):
                 return _error(400, "response_format json_schema is not supported here", param="response_format")
+            if fault is not None and fault.kind == "refuse_logprobs" and body.get("logprobs"):
+                return _error(400, "logprobs are not supported for this model", param="logprobs")
             if fault is not None and fault.kind == "malformed":
                 content = 'Sure! Here is my answer: {"similarity": eighty, oops'
             else:
@@ -460,6 +586,10 @@ class ScriptedLLM:
     def _completion(self, body: dict[str, Any], content: str, number: int) -> dict[str, Any]:
         prompt_tokens = _tokens(_prompt_text(body))
         completion_tokens = _tokens(content)
+        logprobs = None
+        if body.get("logprobs") and self._state.supports_logprobs:
+            top = int(body.get("top_logprobs") or 0)
+            logprobs = {"content": token_logprobs(content, top, judgment=_schema_of(body)[0] == "judgment")}
         return {
             "id": f"chatcmpl-scripted-{number}",
             "object": "chat.completion",
@@ -470,7 +600,7 @@ class ScriptedLLM:
                     "index": 0,
                     "message": {"role": "assistant", "content": content},
                     "finish_reason": "stop",
-                    "logprobs": None,
+                    "logprobs": logprobs,
                 }
             ],
             "usage": {
@@ -505,6 +635,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fault-kinds", default="429:0.05,500,malformed", help="comma-separated fault shorthands")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before every answer")
+    parser.add_argument("--rpm-limit", type=int, default=None, help="429 beyond this many requests a minute")
     parser.add_argument("--no-json-schema", action="store_true", help="refuse response_format json_schema (HTTP 400)")
     args = parser.parse_args(argv)
     server = ScriptedLLM(
@@ -514,6 +645,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         latency_s=args.latency,
         supports_json_schema=not args.no_json_schema,
+        rpm_limit=args.rpm_limit,
         port=args.port,
         host=args.host,
     )

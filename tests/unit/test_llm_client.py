@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +14,14 @@ import pytest
 
 from llamaduo.contract.spec import ServiceLLMSpec
 from llamaduo.llm import (
+    DEFAULT_PRICES,
     Ledger,
     LLMReplyError,
     LLMRequestError,
     LLMUnavailable,
     ServiceLLM,
     ServiceLLMSettings,
+    TokenLogprob,
     extract_json,
     resolve,
     retry_after_seconds,
@@ -62,8 +65,10 @@ def store(tmp_path: Path) -> LocalStore:
 make_llm = make_service_llm
 
 
-async def ask(llm: ServiceLLM, nonce: int = 0, scope: str = "mig-1") -> Any:
-    return await llm.chat_json(MESSAGES, schema=SCHEMA, schema_name="judgment", cache_scope=scope, nonce=nonce)
+async def ask(llm: ServiceLLM, nonce: int = 0, scope: str = "mig-1", top_logprobs: int | None = None) -> Any:
+    return await llm.chat_json(
+        MESSAGES, schema=SCHEMA, schema_name="judgment", cache_scope=scope, nonce=nonce, top_logprobs=top_logprobs
+    )
 
 
 async def test_plain_reply_parses_and_costs(server: ScriptedLLM, store: LocalStore) -> None:
@@ -136,19 +141,56 @@ async def test_400_is_not_retried(server: ScriptedLLM, store: LocalStore) -> Non
             await ask(llm)
     assert caught.value.status_code == 400
     assert caught.value.item_level
+    assert caught.value.reason == "bad_request"
     assert len(server.requests) == 1
 
 
-async def test_401_is_not_retried_and_hides_the_key(server: ScriptedLLM, store: LocalStore) -> None:
-    server.script(401)
+@pytest.mark.parametrize("status", [401, 403])
+async def test_rejected_key_fails_fast_naming_the_variable_not_the_key(
+    server: ScriptedLLM, store: LocalStore, status: int
+) -> None:
+    server.script(status)
     async with make_llm(server, store) as llm:
+        started = time.monotonic()
         with pytest.raises(LLMRequestError) as caught:
             await ask(llm)
-    assert caught.value.status_code == 401
-    assert not caught.value.item_level
-    assert SECRET not in str(caught.value)
-    assert SECRET not in repr(caught.value) and caught.value.__cause__ is None
+        elapsed = time.monotonic() - started
+    error = caught.value
+    assert (error.status_code, error.reason) == (status, "invalid_api_key")
+    assert not error.item_level
+    message = str(error)
+    assert "rejected the API key" in message
+    assert "LLAMADUO_SERVICE_LLM_API_KEY" in message and "OPENAI_API_KEY" in message
+    assert server.base_url in message
+    assert SECRET not in message and SECRET not in repr(error) and error.__cause__ is None
+    assert len(server.requests) == 1 and elapsed < 1.0  # no retry, no backoff
+
+
+async def test_missing_key_is_reported_as_missing(server: ScriptedLLM, store: LocalStore) -> None:
+    server.script(401)
+    async with make_llm(server, store, api_key=None) as llm:
+        with pytest.raises(LLMRequestError) as caught:
+            await ask(llm)
+    assert caught.value.reason == "invalid_api_key"
+    assert "carried no API key" in str(caught.value)
+    assert "LLAMADUO_SERVICE_LLM_API_KEY" in str(caught.value)
+
+
+async def test_404_names_the_model_and_base_url(server: ScriptedLLM, store: LocalStore) -> None:
+    server.script(404)
+    async with make_llm(server, store, model="gpt-9-imaginary") as llm:
+        with pytest.raises(LLMRequestError) as caught:
+            await ask(llm)
+    assert (caught.value.status_code, caught.value.reason) == (404, "unknown_model")
+    assert "'gpt-9-imaginary'" in str(caught.value) and server.base_url in str(caught.value)
     assert len(server.requests) == 1
+
+
+def test_request_error_reason_defaults_from_the_status() -> None:
+    assert LLMRequestError("x", 401).reason == "invalid_api_key"
+    assert LLMRequestError("x", 404).reason == "unknown_model"
+    assert LLMRequestError("x", 422).reason == "bad_request"
+    assert LLMRequestError("x", 400, reason="custom").reason == "custom"
 
 
 async def test_malformed_reply_is_reasked_with_the_error(server: ScriptedLLM, store: LocalStore) -> None:
@@ -215,6 +257,46 @@ async def test_cache_hit_makes_no_http_call(server: ScriptedLLM, store: LocalSto
     assert all(SECRET not in path.read_text() for path in cache_files)
 
 
+async def test_rerun_from_the_cache_costs_no_new_dollars(server: ScriptedLLM, store: LocalStore) -> None:
+    first_run, second_run = Ledger(), Ledger()
+    async with make_llm(server, store) as llm:
+        for nonce in range(3):
+            first_run.add(await ask(llm, nonce=nonce))
+    async with make_llm(server, store) as again:
+        for nonce in range(3):
+            second_run.add(await ask(again, nonce=nonce))
+    assert len(server.requests) == 3
+    paid, replayed = first_run.spend, second_run.spend
+    assert paid.usd > 0 and paid.cached_usd == 0
+    # The output's full, once-paid cost is still reported; none of it is new.
+    assert replayed.usd == paid.usd
+    assert replayed.cached_usd == replayed.usd
+    assert replayed.usd - replayed.cached_usd == 0.0
+
+
+async def test_cached_usd_counts_exactly_the_cached_attempts(server: ScriptedLLM, store: LocalStore) -> None:
+    server.script("malformed")
+    async with make_llm(server, store) as llm:
+        first = await ask(llm)  # a malformed attempt and a valid one, both cached
+    assert first.requests == 2 and first.cached_usd == 0
+
+    def reject_first_sight(data: dict[str, Any]) -> int:
+        if data["similarity"] == 77:
+            raise ValueError("not 77 again")
+        return int(data["similarity"])
+
+    server.judge_score = 55
+    async with make_llm(server, store) as llm:
+        # The same two attempts come from the cache; the validator refuses the second, so a third is paid for now.
+        second = await llm.chat_json(
+            MESSAGES, schema=SCHEMA, schema_name="judgment", validate=reject_first_sight, cache_scope="mig-1"
+        )
+    assert second.value == 55 and second.requests == 3 and second.cached_requests == 2
+    assert second.cached_usd == pytest.approx(first.usd)
+    assert 0 < second.cached_usd < second.usd
+    assert second.spend.cached_usd == second.cached_usd
+
+
 async def test_cache_replays_reasks_with_their_full_spend(server: ScriptedLLM, store: LocalStore) -> None:
     server.script("malformed")
     async with make_llm(server, store) as llm:
@@ -251,6 +333,14 @@ async def test_falls_back_when_server_refuses_json_schema(store: LocalStore) -> 
     assert "response_format" in bodies[0]
     assert "response_format" not in bodies[1] and "response_format" not in bodies[2]
     assert bodies[1]["messages"][0]["role"] == "system" and "JSON Schema" in bodies[1]["messages"][0]["content"]
+
+
+async def test_concurrent_refusals_of_json_schema_all_fall_back(store: LocalStore) -> None:
+    with ScriptedLLM(judge_score=64, latency_s=0.1, supports_json_schema=False) as server:
+        async with make_llm(server, store, max_concurrency=4) as llm:
+            replies = await asyncio.gather(*(ask(llm, nonce=n) for n in range(4)))
+    # Four requests were refused at once; each falls back on its own, none is lost to a flag another one flipped.
+    assert [reply.value["similarity"] for reply in replies] == [64] * 4
 
 
 async def test_supports_json_schema_false_never_sends_response_format(server: ScriptedLLM, store: LocalStore) -> None:
@@ -299,6 +389,85 @@ def test_resolve_spec_overrides_settings(monkeypatch: pytest.MonkeyPatch) -> Non
     assert (merged.model, merged.temperature, merged.max_tokens) == ("spec-model", 0.9, 77)
     assert merged.input_usd_per_million == 5.0
     assert SECRET not in repr(merged)
+
+
+async def test_logprobs_are_requested_returned_and_cached(server: ScriptedLLM, store: LocalStore) -> None:
+    async with make_llm(server, store) as llm:
+        reply = await ask(llm, top_logprobs=5)
+        plain = await ask(llm)  # not served the entry with logprobs, nor it the one without
+    sent = server.requests[0]
+    assert sent["logprobs"] is True and sent["top_logprobs"] == 5
+    assert "logprobs" not in server.requests[1] and plain.logprobs is None and not plain.cached
+    assert reply.logprobs is not None
+    assert "".join(t.token for t in reply.logprobs) == reply.text
+    scores = [t for t in reply.logprobs if t.token.strip() == "77"]
+    assert len(scores) == 2  # similarity and precision
+    for token in scores:
+        assert isinstance(token, TokenLogprob)
+        assert token.logprob == pytest.approx(math.log(0.6))
+        assert [alt.strip() for alt, _ in token.top] == ["77", "72", "82", "67", "87"]
+        expected = sum(int(alt) * math.exp(lp) for alt, lp in token.top)
+        assert expected == pytest.approx(77.0)
+    async with make_llm(server, store) as again:
+        replay = await ask(again, top_logprobs=5)
+    assert replay.cached and replay.logprobs == reply.logprobs
+    assert len(server.requests) == 2
+
+
+async def test_server_without_logprobs_gives_none(store: LocalStore) -> None:
+    with ScriptedLLM(judge_score=60, supports_logprobs=False) as server:
+        async with make_llm(server, store) as llm:
+            reply = await ask(llm, top_logprobs=3)
+        assert reply.value["similarity"] == 60 and reply.logprobs is None
+
+
+async def test_server_refusing_logprobs_is_asked_without_them(server: ScriptedLLM, store: LocalStore) -> None:
+    server.script("refuse_logprobs")
+    async with make_llm(server, store) as llm:
+        reply = await ask(llm, top_logprobs=3)
+        await ask(llm, nonce=1, top_logprobs=3)
+    assert reply.value["similarity"] == 77 and reply.logprobs is None
+    assert [body.get("logprobs") for body in server.requests] == [True, None, None]
+
+
+async def test_top_logprobs_must_be_in_range(server: ScriptedLLM, store: LocalStore) -> None:
+    async with make_llm(server, store) as llm:
+        with pytest.raises(ValueError, match="top_logprobs"):
+            await ask(llm, top_logprobs=21)
+
+
+def test_price_table_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMADUO_SERVICE_LLM_PRICES", '{"house-model": [1.0, 2.0], "gpt-4o": [3, 12]}')
+    monkeypatch.setenv("LLAMADUO_SERVICE_LLM_INPUT_USD_PER_MILLION", "7")
+    monkeypatch.setenv("LLAMADUO_SERVICE_LLM_OUTPUT_USD_PER_MILLION", "8")
+    settings = ServiceLLMSettings()
+    # A configured table extends the built-in one and overrides its entries.
+    assert settings.prices["house-model"] == (1.0, 2.0) and settings.prices["gpt-4o"] == (3.0, 12.0)
+    assert settings.prices["gpt-4o-mini"] == DEFAULT_PRICES["gpt-4o-mini"]
+
+    def prices(**spec: Any) -> tuple[float, float]:
+        llm = resolve(settings, ServiceLLMSpec(**spec))
+        return llm.input_usd_per_million, llm.output_usd_per_million
+
+    assert prices(model="house-model") == (1.0, 2.0)  # the table's entry beats the settings default
+    assert prices(model="gpt-4o") == (3.0, 12.0)
+    assert prices(model="gpt-4o-2024-08-06") == (3.0, 12.0)  # a dated snapshot is priced like its family
+    assert prices(model="gpt-4o-2024-05-13") == DEFAULT_PRICES["gpt-4o-2024-05-13"]  # unless it has its own entry
+    assert prices(model="gpt-4o-mini-2024-07-18") == DEFAULT_PRICES["gpt-4o-mini"]
+    assert prices(model="unknown-model") == (7.0, 8.0)  # nothing in the table: the settings default
+    assert prices(model="house-model", input_usd_per_million=9.0) == (9.0, 2.0)  # a nonzero spec price wins
+    assert prices(model="unknown-model", output_usd_per_million=0.5) == (7.0, 0.5)
+
+
+def test_built_in_prices_and_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMADUO_SERVICE_LLM_REQUESTS_PER_MINUTE", "500")
+    monkeypatch.setenv("LLAMADUO_SERVICE_LLM_TOKENS_PER_MINUTE", "30000")
+    merged = resolve(ServiceLLMSettings(), ServiceLLMSpec(model="gpt-4o-mini"))
+    assert (merged.input_usd_per_million, merged.output_usd_per_million) == DEFAULT_PRICES["gpt-4o-mini"]
+    assert (merged.requests_per_minute, merged.tokens_per_minute) == (500, 30000)
+    assert resolve(ServiceLLMSettings(requests_per_minute=None)).requests_per_minute is None
+    with pytest.raises(ValueError, match="negative"):
+        ServiceLLMSettings(prices={"m": (-1.0, 1.0)})
 
 
 def test_own_key_variable_wins_over_openai_key(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from llamaduo.contract.spec import TaskSpec
@@ -9,6 +10,9 @@ from llamaduo.data.rows import ChatRow
 
 SCHEMA_NAME = "judgment"
 REASON_MAX_CHARS = 200
+REASON_HARD_MAX_CHARS = 20 * REASON_MAX_CHARS
+"""A reason this long is no longer a clipped explanation but a judge gone off the rails: the reply is re-asked."""
+_DELIMITERS = re.compile(r"<(/?)(instruction|human_response|language_model_response)>", re.IGNORECASE)
 
 JUDGMENT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -76,14 +80,19 @@ def render_instruction(row: ChatRow) -> str:
     return "\n\n".join(f"[{turn.role}]\n{turn.content}" for turn in turns)
 
 
+def inert(text: str) -> str:
+    """`text` with the prompt's own delimiter tags defused, so data cannot close its tag and pose as instructions."""
+    return _DELIMITERS.sub(lambda m: f"\u2039{m.group(1)}{m.group(2)}\u203a", text)
+
+
 def judge_messages(task: TaskSpec, row: ChatRow, response: str) -> list[dict[str, str]]:
     """The chat messages of one judgment of `response` against the row's human reference."""
     task_line = f"\nThe task is: {task.name}." + (f" {task.description}" if task.description else "") + "\n"
     content = TEMPLATE.format(
         task=task_line,
-        instruction=render_instruction(row),
-        reference=row.reference,
-        response=response,
+        instruction=inert(render_instruction(row)),
+        reference=inert(row.reference),
+        response=inert(response),
         reason_max=REASON_MAX_CHARS,
     )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]

@@ -6,15 +6,16 @@ import asyncio
 import json
 
 from llamaduo.bus import TaskContext, TaskError
-from llamaduo.contract import EvaluationCompleted, Event, MetricSummary, ResponsesReady, Spend
+from llamaduo.contract import Agreement, EvaluationCompleted, Event, MetricSummary, ResponsesReady, Spend
 from llamaduo.data import JSONL_MEDIA_TYPE, read_rows
 from llamaduo.data.results import PromptResponses, dump_models, load_models
 from llamaduo.llm import ServiceLLM, resolve
 from llamaduo.store import ArtifactStore, artifact_key
-from llamaduo_judge.judging import judge_responses
+from llamaduo_judge.judging import JudgeOutcome, judge_responses
 from llamaduo_judge.settings import JudgeSettings
 
 SUMMARY_MEDIA_TYPE = "application/vnd.llamaduo.evaluation+json"
+_ERRORS_SHOWN = 3
 
 
 class JudgingTask:
@@ -37,13 +38,17 @@ class JudgingTask:
             test_rows = await asyncio.to_thread(read_rows, self.store, event.test)
             raw = await asyncio.to_thread(self.store.read_bytes, event.responses)
             responses = load_models(raw, PromptResponses, event.responses.uri)
-            llm = ServiceLLM(resolve(self.settings.service_llm, event.spec.evaluation.judge), self.store)
+            evaluation = event.spec.evaluation
+            judges = [
+                ServiceLLM(resolve(self.settings.service_llm, spec), self.store)
+                for spec in [evaluation.judge, *evaluation.panel]
+            ]
             try:
                 outcome = await judge_responses(
                     test_rows,
                     responses,
-                    llm,
-                    evaluation=event.spec.evaluation,
+                    judges,
+                    evaluation=evaluation,
                     task=event.spec.task,
                     cache_scope=event.migration_id,
                     on_progress=ctx.progress_reporter("judging"),
@@ -51,15 +56,21 @@ class JudgingTask:
             except ValueError as exc:  # responses that do not match the test split
                 raise TaskError("responses_mismatch", str(exc)) from exc
             finally:
-                await llm.aclose()
+                for llm in judges:
+                    await llm.aclose()
             judgments_ref = await asyncio.to_thread(
                 self.store.put_bytes, judgments_key, dump_models(outcome.judgments), JSONL_MEDIA_TYPE
             )
+            if not outcome.scores:
+                # Written above all the same, so people can read every judge's errors in the artifact.
+                raise TaskError("all_judgments_failed", _all_failed_detail(outcome))
             summary = {
-                "judge_model": llm.model,
+                "judge_model": outcome.judges[0],
+                "judges": outcome.judges,
                 "scores": {metric: value.model_dump() for metric, value in outcome.scores.items()},
                 "failed": outcome.failed,
                 "spend": outcome.spend.model_dump(),
+                "agreement": outcome.agreement.model_dump() if outcome.agreement is not None else None,
             }
             # Written last: its presence means the whole output exists.
             await asyncio.to_thread(
@@ -77,5 +88,18 @@ class JudgingTask:
                 scores={metric: MetricSummary.model_validate(value) for metric, value in summary["scores"].items()},
                 failed_judgments=int(summary["failed"]),
                 spend=Spend.model_validate(summary["spend"]),
+                # An evaluation stored before panels existed names its one judge only as `judge_model`.
+                judges=list(summary.get("judges") or [summary["judge_model"]]),
+                agreement=Agreement.model_validate(summary["agreement"]) if summary.get("agreement") else None,
             )
         ]
+
+
+def _all_failed_detail(outcome: JudgeOutcome) -> str:
+    """How many judgments failed and the first distinct errors, for the migration's failure reason."""
+    total = len(outcome.judgments)
+    if total == 0:
+        return "there were no responses to judge"
+    errors = list(dict.fromkeys(j.error for j in outcome.judgments if j.error))[:_ERRORS_SHOWN]
+    shown = "; ".join(f"[{j}] {error[:300]}" for j, error in enumerate(errors, start=1))
+    return f"all {total} judgments by {', '.join(outcome.judges)} failed; first errors: {shown}"

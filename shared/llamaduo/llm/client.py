@@ -19,6 +19,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from llamaduo.contract.events import Spend
+from llamaduo.llm.limits import RateLimits, estimate_tokens, shared_limits
 from llamaduo.llm.settings import ResolvedLLM
 from llamaduo.store.base import ArtifactError, ArtifactStore, StoreUnavailable
 
@@ -33,6 +34,11 @@ _RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 # Per-item request errors: this request is bad (too long, rejected), not the whole configuration.
 ITEM_ERROR_STATUS = frozenset({400, 413, 422})
 _STRUCTURED_HINTS = ("response_format", "json_schema", "response_schema", "structured output", "guided")
+# Statuses whose Retry-After speaks for the whole endpoint, so every caller of it pauses, not only the one told.
+_PAUSE_STATUS = frozenset({429, 503})
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives per token the OpenAI API returns."""
+KEY_VARIABLES = "LLAMADUO_SERVICE_LLM_API_KEY (or OPENAI_API_KEY)"
 
 
 class LLMError(Exception):
@@ -48,16 +54,49 @@ class LLMUnavailable(LLMError):
 
 
 class LLMRequestError(LLMError):
-    """The server refused the request (a 4xx other than 408/409/425/429); retrying the same request will not help."""
+    """The server refused the request (a 4xx other than 408/409/425/429); retrying the same request will not help.
 
-    def __init__(self, message: str, status_code: int) -> None:
+    `reason` is machine-readable: `invalid_api_key` (401, 403), `unknown_model` (404) or `bad_request` (other 4xx).
+    """
+
+    def __init__(self, message: str, status_code: int, reason: str | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.reason = reason or request_error_reason(status_code)
 
     @property
     def item_level(self) -> bool:
         """Whether the refusal concerns this request's content rather than credentials or configuration."""
         return self.status_code in ITEM_ERROR_STATUS
+
+
+def request_error_reason(status_code: int) -> str:
+    """The `LLMRequestError.reason` of an HTTP status."""
+    if status_code in (401, 403):
+        return "invalid_api_key"
+    if status_code == 404:
+        return "unknown_model"
+    return "bad_request"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token, its log probability and the most likely alternatives at its position (itself included)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class LLMStats:
+    """What one client did: HTTP attempts, 429s among them, retries, cache hits, seconds waited for rate limits."""
+
+    http_requests: int = 0
+    rate_limited: int = 0
+    retries: int = 0
+    cache_hits: int = 0
+    limiter_wait_s: float = 0.0  # summed over requests: concurrent waits add up
 
 
 @dataclass(frozen=True)
@@ -82,6 +121,10 @@ class LLMReply(Generic[T]):
     cached: bool
     requests: int = 1
     cached_requests: int = 0
+    cached_usd: float = 0.0
+    """The part of `usd` whose completions came from the cache: paid once before, not again now."""
+    logprobs: list[TokenLogprob] | None = None
+    """Per token of `text`, when asked for with `top_logprobs` and the server returned them."""
 
     @property
     def spend(self) -> Spend:
@@ -92,18 +135,29 @@ class LLMReply(Generic[T]):
             prompt_tokens=self.usage.prompt_tokens,
             completion_tokens=self.usage.completion_tokens,
             usd=self.usd,
+            cached_usd=self.cached_usd,
         )
 
 
 class LLMReplyError(LLMError):
     """No attempt produced a reply that parsed and validated; the tokens were still spent."""
 
-    def __init__(self, message: str, *, usage: Usage, usd: float, requests: int, cached_requests: int) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        usage: Usage,
+        usd: float,
+        requests: int,
+        cached_requests: int,
+        cached_usd: float = 0.0,
+    ) -> None:
         super().__init__(message)
         self.usage = usage
         self.usd = usd
         self.requests = requests
         self.cached_requests = cached_requests
+        self.cached_usd = cached_usd
 
     @property
     def spend(self) -> Spend:
@@ -114,11 +168,16 @@ class LLMReplyError(LLMError):
             prompt_tokens=self.usage.prompt_tokens,
             completion_tokens=self.usage.completion_tokens,
             usd=self.usd,
+            cached_usd=self.cached_usd,
         )
 
 
 class Ledger:
-    """Accumulates the spend of replies and failed replies into one `Spend`."""
+    """Accumulates the spend of replies and failed replies into one `Spend`.
+
+    `usd` is everything the output cost, paid once; `cached_usd` is the part answered from the cache this time, so
+    `usd - cached_usd` is what this run newly paid (zero for a re-run or a redelivered task).
+    """
 
     def __init__(self) -> None:
         self._spend = Spend()
@@ -179,18 +238,23 @@ def request_key(
     temperature: float,
     max_tokens: int,
     nonce: int,
+    top_logprobs: int | None = None,
 ) -> str:
     """SHA-256 of the canonical JSON of a logical request: the cache key."""
+    request: dict[str, Any] = {
+        "model": model,
+        "messages": [dict(m) for m in messages],
+        "schema_name": schema_name,
+        "schema": schema,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "nonce": nonce,
+    }
+    # Only when asked for, so that requests without logprobs keep the keys (and cache entries) they always had.
+    if top_logprobs is not None:
+        request["top_logprobs"] = top_logprobs
     canonical = json.dumps(
-        {
-            "model": model,
-            "messages": [dict(m) for m in messages],
-            "schema_name": schema_name,
-            "schema": schema,
-            "temperature": temperature,
-            "max_tokens": max_tokens,
-            "nonce": nonce,
-        },
+        request,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -203,10 +267,15 @@ class _Completion:
     text: str
     usage: Usage
     cached: bool
+    logprobs: list[TokenLogprob] | None = None
 
 
 class ServiceLLM:
-    """An OpenAI-compatible service LLM asked for JSON, with our own retries, a cache and a concurrency bound."""
+    """An OpenAI-compatible service LLM asked for JSON, with our own retries, a cache, and concurrency and rate limits.
+
+    The rate limits (`requests_per_minute`, `tokens_per_minute`) and the pause after a 429 are shared by every client
+    of this process that talks to the same (base_url, model); pass `limits` to give a client limits of its own.
+    """
 
     def __init__(
         self,
@@ -215,6 +284,7 @@ class ServiceLLM:
         *,
         rng: random.Random | None = None,
         client: openai.AsyncOpenAI | None = None,
+        limits: RateLimits | None = None,
     ) -> None:
         self.llm = llm
         self.store = store
@@ -229,11 +299,32 @@ class ServiceLLM:
         )
         self._semaphore = asyncio.Semaphore(llm.max_concurrency)
         self._structured = llm.supports_json_schema
+        self._logprobs_supported = True
+        self._limits = limits
+        self._stats = LLMStats()
 
     @property
     def model(self) -> str:
         """The model name every request asks for."""
         return self.llm.model
+
+    @property
+    def stats(self) -> LLMStats:
+        """What this client did on the wire so far."""
+        return self._stats
+
+    @property
+    def limits(self) -> RateLimits:
+        """The rate limits this client obeys (the process-wide ones of its endpoint unless it was given its own)."""
+        if self._limits is None:
+            # Looked up on first use, inside the event loop that the shared limits belong to.
+            self._limits = shared_limits(
+                self.llm.base_url,
+                self.llm.model,
+                requests_per_minute=self.llm.requests_per_minute,
+                tokens_per_minute=self.llm.tokens_per_minute,
+            )
+        return self._limits
 
     async def aclose(self) -> None:
         """Close the HTTP connections."""
@@ -259,6 +350,7 @@ class ServiceLLM:
         max_tokens: int | None = None,
         cache_scope: str,
         nonce: int = 0,
+        top_logprobs: int | None = None,
     ) -> LLMReply[dict[str, Any]]: ...
 
     @overload
@@ -273,6 +365,7 @@ class ServiceLLM:
         max_tokens: int | None = None,
         cache_scope: str,
         nonce: int = 0,
+        top_logprobs: int | None = None,
     ) -> LLMReply[T]: ...
 
     async def chat_json(
@@ -286,25 +379,38 @@ class ServiceLLM:
         max_tokens: int | None = None,
         cache_scope: str,
         nonce: int = 0,
+        top_logprobs: int | None = None,
     ) -> LLMReply[Any]:
         """Ask for a JSON object matching `schema`, re-asking up to twice when it does not parse or validate.
 
-        Raises `LLMReplyError` when no attempt produced a valid reply, `LLMRequestError` on a refused request and
-        `LLMUnavailable` when transient faults outlast the retries.
+        With `top_logprobs` (0-20) the reply carries each token's log probability and that many alternatives, where
+        the server returns them. Raises `LLMReplyError` when no attempt produced a valid reply, `LLMRequestError` on
+        a refused request and `LLMUnavailable` when transient faults outlast the retries.
         """
         if not _SCOPE.match(cache_scope):
             raise ValueError(f"cache_scope must be a plain name such as a migration id, got {cache_scope!r}")
-        temp = self.llm.temperature if temperature is None else temperature
-        limit = self.llm.max_tokens if max_tokens is None else max_tokens
+        if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be within 0..{MAX_TOP_LOGPROBS}, got {top_logprobs}")
+        request = _Request(
+            schema=schema,
+            schema_name=schema_name,
+            temperature=self.llm.temperature if temperature is None else temperature,
+            max_tokens=self.llm.max_tokens if max_tokens is None else max_tokens,
+            scope=cache_scope,
+            nonce=nonce,
+            top_logprobs=top_logprobs,
+        )
         conversation = [dict(m) for m in messages]
-        usage = Usage()
+        usage = cached_usage = Usage()
         requests = cached_requests = 0
         problem = ""
         for _ in range(1 + REASKS):
-            completion = await self._complete(conversation, schema, schema_name, temp, limit, cache_scope, nonce)
+            completion = await self._complete(conversation, request)
             usage += completion.usage
             requests += 1
-            cached_requests += int(completion.cached)
+            if completion.cached:
+                cached_requests += 1
+                cached_usage += completion.usage
             try:
                 data = extract_json(completion.text)
                 if not isinstance(data, dict):
@@ -329,47 +435,58 @@ class ServiceLLM:
                 value=value,
                 text=completion.text,
                 usage=usage,
-                usd=self.llm.usd(usage.prompt_tokens, usage.completion_tokens),
+                usd=self._usd(usage),
                 cached=cached_requests == requests,
                 requests=requests,
                 cached_requests=cached_requests,
+                cached_usd=self._usd(cached_usage),
+                logprobs=completion.logprobs,
             )
         raise LLMReplyError(
             f"no valid `{schema_name}` reply after {requests} attempts: {problem}",
             usage=usage,
-            usd=self.llm.usd(usage.prompt_tokens, usage.completion_tokens),
+            usd=self._usd(usage),
             requests=requests,
             cached_requests=cached_requests,
+            cached_usd=self._usd(cached_usage),
         )
 
-    async def _complete(
-        self,
-        conversation: list[dict[str, str]],
-        schema: Mapping[str, Any],
-        schema_name: str,
-        temperature: float,
-        max_tokens: int,
-        scope: str,
-        nonce: int,
-    ) -> _Completion:
+    def _usd(self, usage: Usage) -> float:
+        return self.llm.usd(usage.prompt_tokens, usage.completion_tokens)
+
+    async def _complete(self, conversation: list[dict[str, str]], request: _Request) -> _Completion:
         """One logical completion: from the cache when this exact request was answered before, else over HTTP."""
-        digest = request_key(self.llm.model, conversation, schema_name, schema, temperature, max_tokens, nonce)
-        key = f"{CACHE_PREFIX}/{scope}/{digest}.json"
+        digest = request_key(
+            self.llm.model,
+            conversation,
+            request.schema_name,
+            request.schema,
+            request.temperature,
+            request.max_tokens,
+            request.nonce,
+            request.top_logprobs,
+        )
+        key = f"{CACHE_PREFIX}/{request.scope}/{digest}.json"
         cached = await self._cache_get(key)
         if cached is not None:
+            self._count(cache_hits=1)
             return cached
-        text, usage = await self._request(conversation, schema, schema_name, temperature, max_tokens)
+        completion = await self._request(conversation, request)
         record = {
             "model": self.llm.model,
-            "text": text,
-            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
+            "text": completion.text,
+            "usage": {
+                "prompt_tokens": completion.usage.prompt_tokens,
+                "completion_tokens": completion.usage.completion_tokens,
+            },
+            "logprobs": _logprobs_to_json(completion.logprobs),
         }
         try:
             await asyncio.to_thread(self.store.put_bytes, key, json.dumps(record).encode(), "application/json")
         except (ArtifactError, StoreUnavailable, OSError) as exc:
             # A reply we could not cache is still a reply; the worst case is paying for it again on redelivery.
             log.warning("could not cache a service-LLM reply under %s: %s", key, exc)
-        return _Completion(text=text, usage=usage, cached=False)
+        return completion
 
     async def _cache_get(self, key: str) -> _Completion | None:
         try:
@@ -382,6 +499,7 @@ class ServiceLLM:
                 text=str(record["text"]),
                 usage=Usage(int(usage["prompt_tokens"]), int(usage["completion_tokens"])),
                 cached=True,
+                logprobs=_logprobs_from_json(record.get("logprobs")),
             )
         except (ArtifactError, OSError, ValueError, KeyError, TypeError) as exc:
             # A damaged or vanished cache entry is only a lost saving: ask again and overwrite it.
@@ -404,44 +522,99 @@ class ServiceLLM:
         )
         return [{"role": "system", "content": instruction}, *conversation], None
 
-    async def _request(
+    def _count(
         self,
-        conversation: list[dict[str, str]],
-        schema: Mapping[str, Any],
-        schema_name: str,
-        temperature: float,
-        max_tokens: int,
-    ) -> tuple[str, Usage]:
+        *,
+        http_requests: int = 0,
+        rate_limited: int = 0,
+        retries: int = 0,
+        cache_hits: int = 0,
+        limiter_wait_s: float = 0.0,
+    ) -> None:
+        s = self._stats
+        self._stats = LLMStats(
+            http_requests=s.http_requests + http_requests,
+            rate_limited=s.rate_limited + rate_limited,
+            retries=s.retries + retries,
+            cache_hits=s.cache_hits + cache_hits,
+            limiter_wait_s=s.limiter_wait_s + limiter_wait_s,
+        )
+
+    def _refusal(self, status: int, detail: str) -> LLMRequestError:
+        """The error of a non-retryable 4xx, worded so that an operator knows what to fix."""
+        reason = request_error_reason(status)
+        where = f"the service LLM at {self.llm.base_url}"
+        if reason == "invalid_api_key":
+            key = "the API key" if self._secret else "the request, which carried no API key,"
+            message = (
+                f"{where} rejected {key} (HTTP {status}: {detail}); set {KEY_VARIABLES} to a valid key for this server"
+            )
+        elif reason == "unknown_model":
+            message = (
+                f"{where} does not know model {self.llm.model!r} or the base URL is wrong (HTTP {status}: {detail}); "
+                "check the model name and base URL (LLAMADUO_SERVICE_LLM_MODEL / LLAMADUO_SERVICE_LLM_BASE_URL, "
+                "or the spec's service-LLM section)"
+            )
+        else:
+            message = f"service LLM refused the request: HTTP {status}: {detail}"
+        return LLMRequestError(_scrub(message, self._secret), status, reason)
+
+    async def _request(self, conversation: list[dict[str, str]], request: _Request) -> _Completion:
         """One completion over HTTP, retrying transient faults with full-jitter backoff and `Retry-After`."""
         last_problem = ""
         hint: float | None = None
         attempt = 0
+        limits = self.limits
         while True:
             hint = None
-            messages, response_format = self._wire_request(conversation, schema, schema_name)
+            messages, response_format = self._wire_request(conversation, request.schema, request.schema_name)
             kwargs: dict[str, Any] = {
                 "model": self.llm.model,
                 "messages": messages,
-                "temperature": temperature,
-                "max_tokens": max_tokens,
+                "temperature": request.temperature,
+                "max_tokens": request.max_tokens,
             }
             if response_format is not None:
                 kwargs["response_format"] = response_format
+            wants_logprobs = request.top_logprobs is not None and self._logprobs_supported
+            if wants_logprobs:
+                kwargs["logprobs"] = True
+                kwargs["top_logprobs"] = request.top_logprobs
+            schema_chars = len(json.dumps(response_format)) if response_format is not None else 0
+            reserved = estimate_tokens(messages, request.max_tokens, schema_chars)
+            used = reserved  # what the limiter keeps unless we learn better: a failed request may have been billed
             try:
                 async with self._semaphore:
+                    # Inside the semaphore, so that an admitted request is sent at once and never bunches up later.
+                    self._count(limiter_wait_s=await limits.acquire(reserved), http_requests=1)
                     result = await self._client.chat.completions.create(**kwargs)
-                return self._read_completion(result)
+                completion = self._read_completion(result)
+                used = completion.usage.prompt_tokens + completion.usage.completion_tokens or reserved
+                return completion
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 detail = _scrub(_status_detail(exc), self._secret)
-                if status == 400 and self._structured and any(h in detail.lower() for h in _STRUCTURED_HINTS):
+                if status < 500:
+                    used = 0  # refused before any generation
+                # Judge by what this request sent, not the shared flag: a concurrent refusal may have flipped it.
+                sent_structured = response_format is not None
+                if status == 400 and sent_structured and any(h in detail.lower() for h in _STRUCTURED_HINTS):
                     # The server does not do (this) structured output: spell the schema out and parse tolerantly.
                     log.warning("service LLM refused response_format (%s); falling back to prompted JSON", detail)
                     self._structured = False
                     continue
+                if status == 400 and wants_logprobs and "logprob" in detail.lower():
+                    # Logprobs are an optional extra: a server without them still judges, unweighted.
+                    log.warning("service LLM refused logprobs (%s); asking without them", detail)
+                    self._logprobs_supported = False
+                    continue
                 if status not in _RETRYABLE_STATUS and status < 500:
-                    raise LLMRequestError(f"service LLM refused the request: HTTP {status}: {detail}", status) from None
+                    raise self._refusal(status, detail) from None
                 hint = retry_after_seconds(exc.response.headers)
+                if status == 429:
+                    self._count(rate_limited=1)
+                if status in _PAUSE_STATUS and hint is not None:
+                    limits.pause(min(hint, self.llm.max_retry_after_s))
                 last_problem = f"HTTP {status}: {detail}"
             except openai.APITimeoutError:
                 last_problem = f"timed out after {self.llm.timeout_s} s"
@@ -452,6 +625,8 @@ class ServiceLLM:
             except ValueError as exc:
                 # The SDK raises the JSON decoder's error when a 2xx body is not JSON (a proxy's error page).
                 last_problem = _scrub(f"unreadable response body: {exc}", self._secret)
+            finally:
+                limits.settle(reserved, used)
             if attempt >= self.llm.max_retries:
                 break
             delay = self._backoff(attempt, hint)
@@ -462,6 +637,7 @@ class ServiceLLM:
                 last_problem,
                 delay,
             )
+            self._count(retries=1)
             await asyncio.sleep(delay)
             attempt += 1
         raise LLMUnavailable(
@@ -475,18 +651,61 @@ class ServiceLLM:
             return jitter
         return max(min(retry_after, self.llm.max_retry_after_s), jitter)
 
-    def _read_completion(self, result: object) -> tuple[str, Usage]:
+    def _read_completion(self, result: object) -> _Completion:
         if not isinstance(result, ChatCompletion):
             raise _MalformedResponse("the response body is not a chat completion")
         if not result.choices:
             raise _MalformedResponse("the chat completion has no choices")
-        message = result.choices[0].message
+        choice = result.choices[0]
+        message = choice.message
         # A refusal or an empty message is a reply that does not parse: the re-ask loop handles it.
         text = message.content if message.content is not None else (getattr(message, "refusal", None) or "")
         usage = Usage()
         if result.usage is not None:
             usage = Usage(int(result.usage.prompt_tokens or 0), int(result.usage.completion_tokens or 0))
-        return cast(str, text), usage
+        logprobs: list[TokenLogprob] | None = None
+        if choice.logprobs is not None and choice.logprobs.content:
+            logprobs = [
+                TokenLogprob(
+                    token=item.token,
+                    logprob=float(item.logprob),
+                    top=tuple((alt.token, float(alt.logprob)) for alt in item.top_logprobs or ()),
+                )
+                for item in choice.logprobs.content
+            ]
+        return _Completion(text=cast(str, text), usage=usage, cached=False, logprobs=logprobs)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The parts of a logical request that stay the same across its re-asks."""
+
+    schema: Mapping[str, Any]
+    schema_name: str
+    temperature: float
+    max_tokens: int
+    scope: str
+    nonce: int
+    top_logprobs: int | None
+
+
+def _logprobs_to_json(logprobs: list[TokenLogprob] | None) -> list[dict[str, Any]] | None:
+    if logprobs is None:
+        return None
+    return [{"token": t.token, "logprob": t.logprob, "top": [list(alt) for alt in t.top]} for t in logprobs]
+
+
+def _logprobs_from_json(data: Any) -> list[TokenLogprob] | None:
+    if data is None:
+        return None
+    return [
+        TokenLogprob(
+            token=str(item["token"]),
+            logprob=float(item["logprob"]),
+            top=tuple((str(token), float(logprob)) for token, logprob in item.get("top") or ()),
+        )
+        for item in data
+    ]
 
 
 class _MalformedResponse(Exception):
