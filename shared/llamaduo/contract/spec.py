@@ -147,6 +147,25 @@ class SynthesisSpec(_Section):
     growth: float = Field(default=2.0, ge=1.0, description="Each later round asks for `growth` times more.")
     pairs_per_call: int = Field(default=4, ge=1, le=32)
     max_calls_per_round: int | None = Field(default=None, ge=1, description="Cap on service-LLM calls per round.")
+    prompt_template: str | None = Field(
+        default=None,
+        description="Generator prompt for this task, with {task}, {instruction}, {response}, {pairs} and {focus} "
+        "placeholders; the paper's prompt when unset.",
+    )
+    targeted: bool = Field(
+        default=True, description="Steer seeds and prompts toward the categories and faults the judge scored low."
+    )
+    near_duplicate_threshold: float = Field(
+        default=0.9,
+        gt=0.0,
+        le=1.0,
+        description="MinHash Jaccard (confirmed by ROUGE-L) above which rows are duplicates.",
+    )
+    decontamination_ngram: int = Field(default=13, ge=4, description="Shared n-gram length that marks a test leak.")
+    decontamination_threshold: float = Field(
+        default=0.8, gt=0.0, le=1.0, description="MinHash similarity to a test instruction or response that is a leak."
+    )
+    max_row_chars: int = Field(default=8000, ge=16, description="Longer instructions or responses are dropped.")
 
 
 class BudgetSpec(_Section):
