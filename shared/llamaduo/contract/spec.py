@@ -159,7 +159,7 @@ class SynthesisSpec(_Section):
         default=0.9,
         gt=0.0,
         le=1.0,
-        description="MinHash Jaccard (confirmed by ROUGE-L) above which rows are duplicates.",
+        description="MinHash Jaccard (confirmed by ROUGE-L) above which rows duplicate.",
     )
     decontamination_ngram: int = Field(default=13, ge=4, description="Shared n-gram length that marks a test leak.")
     decontamination_threshold: float = Field(
