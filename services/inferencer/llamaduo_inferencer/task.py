@@ -13,8 +13,9 @@ from llamaduo.contract import ArtifactRef, Event, ModelTrained, ResponsesReady
 from llamaduo.data import JSONL_MEDIA_TYPE, conversation, read_rows
 from llamaduo.data.results import PromptResponses, Response, dump_models
 from llamaduo.localmodel import load_tokenizer, resolve_base_model
-from llamaduo.store import ArtifactStore, artifact_key
+from llamaduo.store import ArtifactStore
 from llamaduo.store.archive import unpack_dir
+from llamaduo.store.outputs import StageOutputs
 from llamaduo_inferencer.generation import generate_chats, load_with_adapter
 from llamaduo_inferencer.settings import InferencerSettings
 
@@ -28,11 +29,11 @@ class InferenceTask:
 
     async def __call__(self, event: ModelTrained, ctx: TaskContext) -> list[Event]:
         """Handle model.trained."""
-        key = artifact_key(event.migration_id, event.iteration, "responses", "responses.jsonl")
-        stored = await asyncio.to_thread(self.store.head, key, JSONL_MEDIA_TYPE)
+        outputs = StageOutputs(self.store, event.migration_id, event.iteration, "responses")
+        stored = await outputs.head("responses.jsonl", JSONL_MEDIA_TYPE)
         if stored is None:
             report = ctx.progress_reporter("inference")
-            responses, prompts = await asyncio.to_thread(self._answer, event, key, report)
+            responses, prompts = await asyncio.to_thread(self._answer, event, outputs.key("responses.jsonl"), report)
         else:
             ctx.log.info("responses already stored; re-emitting")
             responses, prompts = stored, len(read_rows(self.store, event.test))

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 from llamaduo.bus import TaskContext, TaskError
 from llamaduo.contract import Agreement, EvaluationCompleted, Event, MetricSummary, ResponsesReady, Spend
 from llamaduo.data import JSONL_MEDIA_TYPE, read_rows
 from llamaduo.data.results import PromptResponses, dump_models, load_models
 from llamaduo.llm import ServiceLLM, resolve
-from llamaduo.store import ArtifactStore, artifact_key
+from llamaduo.store import ArtifactStore
+from llamaduo.store.outputs import StageOutputs
 from llamaduo_judge.judging import JudgeOutcome, judge_responses
 from llamaduo_judge.settings import JudgeSettings
 
@@ -27,13 +27,11 @@ class JudgingTask:
 
     async def __call__(self, event: ResponsesReady, ctx: TaskContext) -> list[Event]:
         """Handle responses.ready."""
-        judgments_key = artifact_key(event.migration_id, event.iteration, "judgments", "judgments.jsonl")
-        summary_key = artifact_key(event.migration_id, event.iteration, "judgments", "evaluation.json")
-        stored = await asyncio.to_thread(self.store.head, summary_key, SUMMARY_MEDIA_TYPE)
-        judgments_ref = await asyncio.to_thread(self.store.head, judgments_key, JSONL_MEDIA_TYPE)
-        if stored is not None and judgments_ref is not None:
+        outputs = StageOutputs(self.store, event.migration_id, event.iteration, "judgments")
+        summary = await outputs.completed("evaluation.json", SUMMARY_MEDIA_TYPE)
+        judgments_ref = await outputs.head("judgments.jsonl", JSONL_MEDIA_TYPE)
+        if summary is not None and judgments_ref is not None:
             ctx.log.info("evaluation already stored; re-emitting")
-            summary = json.loads(await asyncio.to_thread(self.store.read_bytes, stored))
         else:
             test_rows = await asyncio.to_thread(read_rows, self.store, event.test)
             raw = await asyncio.to_thread(self.store.read_bytes, event.responses)
@@ -58,9 +56,7 @@ class JudgingTask:
             finally:
                 for llm in judges:
                     await llm.aclose()
-            judgments_ref = await asyncio.to_thread(
-                self.store.put_bytes, judgments_key, dump_models(outcome.judgments), JSONL_MEDIA_TYPE
-            )
+            judgments_ref = await outputs.put("judgments.jsonl", dump_models(outcome.judgments), JSONL_MEDIA_TYPE)
             if not outcome.scores:
                 # Written above all the same, so people can read every judge's errors in the artifact.
                 raise TaskError("all_judgments_failed", _all_failed_detail(outcome))
@@ -73,9 +69,7 @@ class JudgingTask:
                 "agreement": outcome.agreement.model_dump() if outcome.agreement is not None else None,
             }
             # Written last: its presence means the whole output exists.
-            await asyncio.to_thread(
-                self.store.put_bytes, summary_key, json.dumps(summary, indent=1).encode(), SUMMARY_MEDIA_TYPE
-            )
+            await outputs.put_json("evaluation.json", summary, SUMMARY_MEDIA_TYPE)
         return [
             EvaluationCompleted(
                 migration_id=event.migration_id,

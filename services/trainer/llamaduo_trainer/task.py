@@ -12,8 +12,9 @@ from llamaduo.bus import TaskContext
 from llamaduo.contract import ArtifactRef, DatasetReady, Event, ModelTrained
 from llamaduo.data import read_manifest, read_training_rows
 from llamaduo.localmodel import resolve_base_model
-from llamaduo.store import ArtifactStore, artifact_key
+from llamaduo.store import ArtifactStore
 from llamaduo.store.archive import TAR_MEDIA_TYPE, pack_dir
+from llamaduo.store.outputs import StageOutputs
 from llamaduo_trainer.finetune import TrainResult, train_adapter
 from llamaduo_trainer.settings import TrainerSettings
 
@@ -29,22 +30,22 @@ class TrainingTask:
 
     async def __call__(self, event: DatasetReady, ctx: TaskContext) -> list[Event]:
         """Handle dataset.ready."""
-        adapter_key = artifact_key(event.migration_id, event.iteration, "adapter", "adapter.tar")
-        result_key = artifact_key(event.migration_id, event.iteration, "adapter", "training.json")
+        outputs = StageOutputs(self.store, event.migration_id, event.iteration, "adapter")
         # training.json is written after the adapter, so its presence means the whole output exists.
-        done = await asyncio.to_thread(self.store.head, result_key, RESULT_MEDIA_TYPE)
-        adapter = await asyncio.to_thread(self.store.head, adapter_key, TAR_MEDIA_TYPE)
+        done = await outputs.completed("training.json", RESULT_MEDIA_TYPE)
+        adapter = await outputs.head("adapter.tar", TAR_MEDIA_TYPE)
         if done is not None and adapter is not None:
             ctx.log.info("adapter already trained; re-emitting")
-            summary = json.loads(await asyncio.to_thread(self.store.read_bytes, done))
-            return [self._trained(event, adapter, summary)]
+            return [self._trained(event, adapter, done)]
         report = ctx.progress_reporter("training")
 
         def on_step(step: int, total: int, loss: float | None) -> None:
             report(step, total)
 
         await ctx.progress("training", 0, None, "loading data and model")
-        trained, summary = await asyncio.to_thread(self._train, event, adapter_key, result_key, on_step)
+        trained, summary = await asyncio.to_thread(
+            self._train, event, outputs.key("adapter.tar"), outputs.key("training.json"), on_step
+        )
         return [self._trained(event, trained, summary)]
 
     def _train(
