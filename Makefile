@@ -8,7 +8,7 @@ PACKAGES := -e 'shared[embedded,local-model]' -e services/coordinator -e service
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint schemas up down bench bench-judge clean
+.PHONY: install demo test test-fast lint schemas up down bench bench-judge bench-synth clean
 
 $(STAMP): shared/pyproject.toml services/*/pyproject.toml requirements-dev.txt constraints.txt
 	python3 -m venv $(VENV)
@@ -52,6 +52,11 @@ bench: install
 # Judge throughput against a rate-limited scripted service LLM, ours vs the reference way, then a free re-run.
 bench-judge: install
 	$(PY) -m tests.bench.judge_throughput
+
+# Dedup + decontamination of 256K generated rows with planted duplicates and leaks, then 64K, then the reference's
+# O(N²) way on 16K rows: time, peak memory, precision/recall.
+bench-synth: install
+	$(PY) -m tests.bench.synth_dedup
 
 clean:
 	rm -rf .llamaduo .pytest_cache .mypy_cache .ruff_cache

@@ -175,6 +175,68 @@ def _schema_of(body: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]
     return None, None
 
 
+_WORDS = [
+    "add",
+    "fix",
+    "update",
+    "remove",
+    "rename",
+    "move",
+    "split",
+    "merge",
+    "guard",
+    "retry",
+    "cache",
+    "parse",
+    "render",
+    "validate",
+    "log",
+    "trace",
+    "config",
+    "parser",
+    "client",
+    "server",
+    "queue",
+    "worker",
+    "handler",
+    "router",
+    "schema",
+    "token",
+    "session",
+    "upload",
+    "export",
+    "import",
+    "timeout",
+    "limit",
+    "buffer",
+    "index",
+    "report",
+    "button",
+    "modal",
+    "layout",
+    "header",
+    "footer",
+    "sidebar",
+    "locale",
+    "currency",
+    "date",
+    "quickly",
+    "safely",
+    "again",
+    "only",
+    "once",
+    "early",
+    "lazily",
+    "strictly",
+]
+
+
+def _varied_words(n: int, length: int = 9) -> str:
+    """A deterministic, distinct-enough word sequence for answer `n`."""
+    digest = hashlib.sha256(str(n).encode()).digest()
+    return " ".join(_WORDS[byte % len(_WORDS)] for byte in digest[:length])
+
+
 def _tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
@@ -574,12 +636,10 @@ class ScriptedLLM:
         with self._lock:
             start = self._state.pairs_made
             self._state.pairs_made += count
-        # A global counter keeps every pair new, so deduplication never drops a whole reply.
+        # A global counter keeps every pair new, and the words of each answer are drawn from it, so neither exact
+        # nor near-duplicate detection drops a whole reply.
         return [
-            {
-                "instruction": f"Variation {n} of: {topic}",
-                "response": f"Answer {n}: a worked response in the style of the example about {topic}.",
-            }
+            {"instruction": f"Variation {n} of: {topic}", "response": f"{_varied_words(n)}."}
             for n in range(start + 1, start + count + 1)
         ]
 

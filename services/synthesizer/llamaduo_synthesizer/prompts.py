@@ -1,7 +1,8 @@
-"""The generation prompt (after the LlamaDuo paper's synthesis prompt) and the JSON Schema of its reply."""
+"""The generation prompt (after the LlamaDuo paper's synthesis prompt), per-task templates and the reply's schema."""
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 from llamaduo.contract.spec import TaskSpec
@@ -11,13 +12,16 @@ SCHEMA_NAME = "synthetic_pairs"
 
 SYSTEM = "You write high-quality training data for a language model. You reply with one JSON object and nothing else."
 
-TEMPLATE = """Generate {count} new (instruction, response) pairs that are similar in context and structure to the \
-example pair below. Each pair consists of a concise instruction followed by an appropriate, detailed response. The \
-instruction poses a clear task or question; the response gives a complete answer or solution, in the same style, \
+PLACEHOLDERS = ("task", "instruction", "response", "pairs", "focus")
+"""The names a `synthesis.prompt_template` may use, each as `{name}`."""
+
+DEFAULT_TEMPLATE = """Generate {pairs} new (instruction, response) pairs that are similar in context and structure to \
+the example pair below. Each pair consists of a concise instruction followed by an appropriate, detailed response. \
+The instruction poses a clear task or question; the response gives a complete answer or solution, in the same style, \
 format and length as the example response.
 
 The task is: {task}
-{category}
+
 Example pair:
 
 <example_instruction>
@@ -29,10 +33,40 @@ Example pair:
 </example_response>
 
 Write new instructions, not rewordings of the example: keep the task, vary the content, and make every pair \
-different from the others. The responses must be accurate.
-
-Reply with this JSON object only, with between 1 and {count} pairs:
+different from the others. The responses must be accurate and complete.
+{focus}
+Reply with this JSON object only, with between 1 and {pairs} pairs:
 {{"pairs": [{{"instruction": "text", "response": "text"}}, ...]}}"""
+"""The paper's prompt: one seed pair per call, asking for a JSON list of new pairs like it."""
+
+
+class TemplateError(ValueError):
+    """A `synthesis.prompt_template` that cannot be rendered; the message names what is wrong."""
+
+
+def validate_template(template: str) -> None:
+    """Raise `TemplateError` unless `template` uses only the known placeholders, each as a plain `{name}`."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)]
+    except ValueError as exc:
+        raise TemplateError(
+            f"synthesis.prompt_template is not a valid template ({exc}); write literal braces as {{{{ and }}}}"
+        ) from exc
+    unknown: list[str] = []
+    for name, spec, conversion in fields:
+        if name is None:  # literal text after the last field
+            continue
+        if name not in PLACEHOLDERS or spec or conversion:
+            # `{task.name}`, `{0}` or `{task!r}` would reach into Python objects, not just substitute text.
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            if shown not in unknown:
+                unknown.append(shown)
+    if unknown:
+        known = ", ".join("{" + name + "}" for name in PLACEHOLDERS)
+        raise TemplateError(
+            f"synthesis.prompt_template has unknown placeholders {', '.join(unknown)}; the known ones are {known} "
+            "(write literal braces as {{ and }})"
+        )
 
 
 def pairs_schema(count: int) -> dict[str, Any]:
@@ -57,14 +91,35 @@ def pairs_schema(count: int) -> dict[str, Any]:
     }
 
 
-def synthesis_messages(task: TaskSpec, seed: ChatRow, count: int) -> list[dict[str, str]]:
-    """The chat messages asking for `count` pairs like the train row `seed` (never a test row)."""
-    task_text = task.name + (f". {task.description}" if task.description else "")
-    content = TEMPLATE.format(
-        count=count,
-        task=task_text,
-        category=f"The category is: {seed.category}\n" if seed.category else "",
-        instruction=seed.prompt,
-        response=seed.reference,
-    )
+def task_text(task: TaskSpec, category: str | None) -> str:
+    """The `{task}` text: the task's name and description, and the seed's category when it has one."""
+    text = task.name + (f". {task.description}" if task.description else "")
+    return text + (f"\nThe category of the example is: {category}" if category else "")
+
+
+def synthesis_messages(
+    task: TaskSpec, seed: ChatRow, count: int, *, template: str | None = None, focus: str = ""
+) -> list[dict[str, str]]:
+    """The chat messages asking for `count` pairs like the train row `seed` (never a test row).
+
+    `template` is a validated `synthesis.prompt_template` (the paper's prompt when None); `focus` is the targeting
+    text (empty when untargeted), rendered as its own paragraph in the default prompt.
+    """
+    values = {
+        "task": task_text(task, seed.category),
+        "instruction": seed.prompt,
+        "response": seed.reference,
+        "pairs": str(count),
+        "focus": focus,
+    }
+    if template is None:
+        # The default prompt gives the focus a paragraph of its own; a custom template places it where it likes.
+        content = DEFAULT_TEMPLATE.format_map({**values, "focus": f"\n{focus}\n" if focus else ""})
+    else:
+        content = template.format_map(values)
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
+
+
+def prompt_text(messages: list[dict[str, str]]) -> str:
+    """Every message's content, joined: what a leak screen looks at before a prompt is sent."""
+    return "\n".join(message["content"] for message in messages)
