@@ -366,13 +366,11 @@ async def test_a_targeted_round_favours_the_low_scoring_category(server: Scripte
     assert weights["mass"] > weights["distance"] == weights["volume"] > 0
 
 
-async def test_an_invalid_prompt_template_fails_the_task(server: ScriptedLLM, store: LocalStore) -> None:
-    event = event_for(store, prompt_template="Like {instruction} -> {response}, about {topic}")
-    with pytest.raises(TaskError) as info:
-        await SynthesisTask(settings_for(server), store)(event, ctx(Context()))
-    assert info.value.reason == "invalid_prompt_template"
-    assert "{topic}" in info.value.detail and "{instruction}" in info.value.detail
-    assert server.requests == []
+def test_an_invalid_prompt_template_is_refused_with_the_request(store: LocalStore) -> None:
+    # The spec refuses it, so `llamaduo migrate` fails before publishing and a foreign publisher's event is poison.
+    with pytest.raises(ValueError) as info:
+        event_for(store, prompt_template="Like {instruction} -> {response}, about {topic}")
+    assert "{topic}" in str(info.value) and "{instruction}" in str(info.value)
 
 
 async def test_a_round_whose_every_prompt_leaks_fails_without_calling(server: ScriptedLLM, store: LocalStore) -> None:

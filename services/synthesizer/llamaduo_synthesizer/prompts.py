@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import string
 from typing import Any
 
-from llamaduo.contract.spec import TaskSpec
+from llamaduo.contract.spec import PROMPT_PLACEHOLDERS, TaskSpec, prompt_template_problem
 from llamaduo.data.rows import ChatRow
 
 SCHEMA_NAME = "synthetic_pairs"
 
 SYSTEM = "You write high-quality training data for a language model. You reply with one JSON object and nothing else."
 
-PLACEHOLDERS = ("task", "instruction", "response", "pairs", "focus")
-"""The names a `synthesis.prompt_template` may use, each as `{name}`."""
+PLACEHOLDERS = PROMPT_PLACEHOLDERS
+"""The names a `synthesis.prompt_template` may use, each as `{name}` (the contract checks them on request)."""
 
 DEFAULT_TEMPLATE = """Generate {pairs} new (instruction, response) pairs that are similar in context and structure to \
 the example pair below. Each pair consists of a concise instruction followed by an appropriate, detailed response. \
@@ -46,27 +45,9 @@ class TemplateError(ValueError):
 
 def validate_template(template: str) -> None:
     """Raise `TemplateError` unless `template` uses only the known placeholders, each as a plain `{name}`."""
-    try:
-        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)]
-    except ValueError as exc:
-        raise TemplateError(
-            f"synthesis.prompt_template is not a valid template ({exc}); write literal braces as {{{{ and }}}}"
-        ) from exc
-    unknown: list[str] = []
-    for name, spec, conversion in fields:
-        if name is None:  # literal text after the last field
-            continue
-        if name not in PLACEHOLDERS or spec or conversion:
-            # `{task.name}`, `{0}` or `{task!r}` would reach into Python objects, not just substitute text.
-            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            if shown not in unknown:
-                unknown.append(shown)
-    if unknown:
-        known = ", ".join("{" + name + "}" for name in PLACEHOLDERS)
-        raise TemplateError(
-            f"synthesis.prompt_template has unknown placeholders {', '.join(unknown)}; the known ones are {known} "
-            "(write literal braces as {{ and }})"
-        )
+    problem = prompt_template_problem(template)
+    if problem:
+        raise TemplateError(problem)
 
 
 def pairs_schema(count: int) -> dict[str, Any]:

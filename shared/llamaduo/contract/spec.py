@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
@@ -139,6 +140,33 @@ class EvaluationSpec(_Section):
         return self
 
 
+PROMPT_PLACEHOLDERS = ("task", "instruction", "response", "pairs", "focus")
+
+
+def prompt_template_problem(template: str) -> str | None:
+    """Why a synthesis prompt template cannot be used, or None: only plain `{name}` of the known placeholders."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)]
+    except ValueError as exc:
+        return f"synthesis.prompt_template is not a valid template ({exc}); write literal braces as {{{{ and }}}}"
+    unknown: list[str] = []
+    for name, spec, conversion in fields:
+        if name is None:  # literal text after the last field
+            continue
+        if name not in PROMPT_PLACEHOLDERS or spec or conversion:
+            # `{task.name}`, `{0}` or `{task!r}` would reach into Python objects, not just substitute text.
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            if shown not in unknown:
+                unknown.append(shown)
+    if not unknown:
+        return None
+    known = ", ".join("{" + name + "}" for name in PROMPT_PLACEHOLDERS)
+    return (
+        f"synthesis.prompt_template has unknown placeholders {', '.join(unknown)}; the known ones are {known} "
+        "(write literal braces as {{ and }})"
+    )
+
+
 class SynthesisSpec(_Section):
     """How the service LLM grows the training set when the model falls short."""
 
@@ -166,6 +194,14 @@ class SynthesisSpec(_Section):
         default=0.8, gt=0.0, le=1.0, description="MinHash similarity to a test instruction or response that is a leak."
     )
     max_row_chars: int = Field(default=8000, ge=16, description="Longer instructions or responses are dropped.")
+
+    @model_validator(mode="after")
+    def _template_is_usable(self) -> SynthesisSpec:
+        # Checked when the migration is requested, not first when the synthesizer needs it rounds later.
+        problem = prompt_template_problem(self.prompt_template) if self.prompt_template is not None else None
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class BudgetSpec(_Section):
