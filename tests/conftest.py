@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from llamaduo.localmodel import build_tiny_model, resolve_base_model
+from llamaduo.store import LocalStore
+from tests.support.scripted_llm import ScriptedLLM
 
 # ---------------------------------------------------------------------------------------------------------------
 # Local models (llamaduo.localmodel): the bundled SmolLM2 converted to a transformers directory, and a tiny random
@@ -58,3 +60,22 @@ def torch_single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Service-LLM tests: a module defines `shared_server` (a `ScriptedLLM` with its own knobs, started once per module,
+# ~0.2 s); `server` hands it to each test reset to its initial state. `store` is a fresh directory store.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(shared_server: ScriptedLLM) -> ScriptedLLM:
+    """The module's scripted service LLM, reset for this test."""
+    shared_server.reset()
+    return shared_server
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    """A fresh directory artifact store."""
+    return LocalStore(tmp_path / "store")

@@ -56,17 +56,6 @@ def shared_server() -> Iterator[ScriptedLLM]:
         yield server
 
 
-@pytest.fixture
-def server(shared_server: ScriptedLLM) -> ScriptedLLM:
-    shared_server.reset()
-    return shared_server
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> LocalStore:
-    return LocalStore(tmp_path / "store")
-
-
 def settings_for(server: ScriptedLLM) -> JudgeSettings:
     return JudgeSettings(
         service_llm=ServiceLLMSettings(

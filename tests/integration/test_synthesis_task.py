@@ -11,7 +11,6 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -123,11 +122,6 @@ def server(shared_server: ScriptedLLM) -> ScriptedLLM:
     shared_server.reset()
     shared_server.pairs_factory = generator()
     return shared_server
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> LocalStore:
-    return LocalStore(tmp_path / "store")
 
 
 def settings_for(server: ScriptedLLM) -> SynthesizerSettings:

@@ -70,13 +70,6 @@ def shared_server() -> Iterator[ScriptedLLM]:
         yield scripted
 
 
-@pytest.fixture
-def server(shared_server: ScriptedLLM) -> ScriptedLLM:
-    # One server per module (starting one costs ~0.2 s); every test starts from its initial state.
-    shared_server.reset()
-    return shared_server
-
-
 @pytest.fixture(scope="module")
 def shared_raw() -> Iterator[RawReplies]:
     scripted = RawReplies()
@@ -88,11 +81,6 @@ def shared_raw() -> Iterator[RawReplies]:
 def raw(shared_raw: RawReplies) -> RawReplies:
     shared_raw.reset()
     return shared_raw
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> LocalStore:
-    return LocalStore(tmp_path / "store")
 
 
 def rows() -> list[ChatRow]:

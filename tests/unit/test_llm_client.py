@@ -50,18 +50,6 @@ def shared_server() -> Iterator[ScriptedLLM]:
         yield scripted
 
 
-@pytest.fixture
-def server(shared_server: ScriptedLLM) -> ScriptedLLM:
-    # One server per module (starting one costs ~0.2 s); every test starts from its initial state.
-    shared_server.reset()
-    return shared_server
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> LocalStore:
-    return LocalStore(tmp_path / "store")
-
-
 make_llm = make_service_llm
 
 

@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -53,17 +52,6 @@ class FakeClock:
 def shared_server() -> Iterator[ScriptedLLM]:
     with ScriptedLLM(judge_score=70) as scripted:
         yield scripted
-
-
-@pytest.fixture
-def server(shared_server: ScriptedLLM) -> ScriptedLLM:
-    shared_server.reset()
-    return shared_server
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> LocalStore:
-    return LocalStore(tmp_path / "store")
 
 
 async def ask(llm: ServiceLLM, nonce: int = 0) -> Any:

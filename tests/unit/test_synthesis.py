@@ -8,7 +8,6 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -98,11 +97,6 @@ def server(shared_server: ScriptedLLM) -> ScriptedLLM:
     shared_server.reset()
     shared_server.pairs_factory = diverse()
     return shared_server
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> LocalStore:
-    return LocalStore(tmp_path / "store")
 
 
 async def run(server: ScriptedLLM, store: LocalStore, **overrides: Any) -> Any:

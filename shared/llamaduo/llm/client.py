@@ -129,14 +129,18 @@ class LLMReply(Generic[T]):
     @property
     def spend(self) -> Spend:
         """This reply's share of the migration's spend."""
-        return Spend(
-            calls=self.requests,
-            cached_calls=self.cached_requests,
-            prompt_tokens=self.usage.prompt_tokens,
-            completion_tokens=self.usage.completion_tokens,
-            usd=self.usd,
-            cached_usd=self.cached_usd,
-        )
+        return _spend(self.usage, self.usd, self.requests, self.cached_requests, self.cached_usd)
+
+
+def _spend(usage: Usage, usd: float, requests: int, cached_requests: int, cached_usd: float) -> Spend:
+    return Spend(
+        calls=requests,
+        cached_calls=cached_requests,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        usd=usd,
+        cached_usd=cached_usd,
+    )
 
 
 class LLMReplyError(LLMError):
@@ -162,14 +166,7 @@ class LLMReplyError(LLMError):
     @property
     def spend(self) -> Spend:
         """What the failed attempts cost."""
-        return Spend(
-            calls=self.requests,
-            cached_calls=self.cached_requests,
-            prompt_tokens=self.usage.prompt_tokens,
-            completion_tokens=self.usage.completion_tokens,
-            usd=self.usd,
-            cached_usd=self.cached_usd,
-        )
+        return _spend(self.usage, self.usd, self.requests, self.cached_requests, self.cached_usd)
 
 
 class Ledger:
