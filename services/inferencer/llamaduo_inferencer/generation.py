@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -281,16 +282,41 @@ def generate_chats(
     return [completions for completions in results if completions is not None]
 
 
-def load_with_adapter(base_path: Path | str, adapter_dir: Path, device: str = "auto") -> PreTrainedModel:
-    """Load the base model on `device` with the PEFT adapter in `adapter_dir` applied (eval mode, not merged)."""
+class AdapterMismatchError(ValueError):
+    """The adapter was trained for another base model (other layer names or shapes)."""
+
+
+def load_with_adapter(
+    base_path: Path | str,
+    adapter_dir: Path,
+    device: str = "auto",
+    *,
+    merge: bool = False,
+    load_in_4bit: bool = False,
+) -> PreTrainedModel:
+    """Load the base model on `device` with the PEFT adapter in `adapter_dir` applied, in eval mode.
+
+    `merge` folds the LoRA weights into the base (faster decoding; not with a 4-bit base, whose weights cannot take
+    them exactly). Raises AdapterMismatchError when the adapter does not fit the base.
+    """
     from peft import PeftModel
 
     from llamaduo.localmodel import load_causal_lm
 
-    if not (adapter_dir / "adapter_config.json").is_file():
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
         raise FileNotFoundError(f"adapter directory {adapter_dir} has no adapter_config.json")
-    base = load_causal_lm(base_path, device)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    base = load_causal_lm(base_path, device, load_in_4bit=load_in_4bit)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as error:
+        trained_for = json.loads(config_file.read_text()).get("base_model_name_or_path") or "an unnamed base"
+        raise AdapterMismatchError(
+            f"the adapter does not fit the base model {base_path} (it was trained for {trained_for}): "
+            f"{str(error).splitlines()[0][:300]}"
+        ) from error
     model.eval()
+    if merge and not load_in_4bit:
+        return cast("PreTrainedModel", model.merge_and_unload())
     # PeftModel forwards every attribute to the wrapped model; callers use it as one.
     return cast("PreTrainedModel", model)

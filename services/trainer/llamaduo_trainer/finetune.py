@@ -31,7 +31,6 @@ from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PrinterCallback,
@@ -46,7 +45,7 @@ from trl.trainer.sft_trainer import SFTTrainer
 
 from llamaduo.contract.spec import LoraSpec, TrainingSpec
 from llamaduo.data.rows import ChatRow, validate_turns
-from llamaduo.localmodel import load_causal_lm, load_tokenizer, pick_device
+from llamaduo.localmodel import load_causal_lm, load_tokenizer, nf4_config, pick_device
 
 logger = logging.getLogger(__name__)
 
@@ -161,12 +160,7 @@ def _load_model(base_model: Path | str, device: str, precision: Precision) -> Pr
     on_cuda = precision == "qlora-nf4"
     # fp32 compute on CPU: bf16 matmuls there buy little speed and cost gradient accuracy.
     compute_dtype = _cuda_half_dtype() if on_cuda else torch.float32
-    quantization_config = cast(Any, BitsAndBytesConfig)(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
+    quantization_config = nf4_config(compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(
         base_model,
         quantization_config=quantization_config,

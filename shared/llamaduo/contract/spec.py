@@ -90,12 +90,67 @@ class ServiceLLMSpec(_Section):
 class InferenceSpec(_Section):
     """How the fine-tuned model answers the test prompts."""
 
-    responses_per_prompt: int = Field(default=4, ge=1, le=64)
+    responses_per_prompt: int = Field(default=4, ge=1, le=64, description="k answers per test prompt (paper: 4).")
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=128, ge=1)
-    batch_size: int = Field(default=16, ge=1)
-    seed: int = 0
+    stop: list[str] = Field(default_factory=list, max_length=4, description="Stop strings; the answer ends before one.")
+    batch_size: int = Field(default=16, ge=1, description="Sequences decoded together (transformers backend).")
+    seed: int = Field(default=0, description="Sampling seed; with the iteration it makes answers reproducible.")
+    backend: Literal["transformers", "tgi", "openai"] = Field(
+        default="transformers",
+        description="transformers: the inferencer runs base + adapter itself; tgi: a Text Generation Inference "
+        "server with the adapter preloaded (LORA_ADAPTERS); openai: an OpenAI-compatible server (vLLM, TGI's "
+        "Messages API) serving the adapter under `adapter_name`.",
+    )
+    endpoint: HttpUrl | None = Field(default=None, description="Base URL of the tgi or openai backend's server.")
+    base_model_name: str | None = Field(
+        default=None, description="openai backend: the model name the server uses for the base model."
+    )
+    adapter_name: str = Field(
+        default="{migration_id}-iter-{iteration}",
+        max_length=200,
+        description="Remote backends: the adapter id (tgi) or model name (openai) the server knows this "
+        "iteration's adapter by; {migration_id} and {iteration} are filled in.",
+    )
+    load_adapter_from: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="openai backend (vLLM with runtime LoRA updating): a path template, as the server sees it, "
+        "where the inferencer unpacks the adapter (its LLAMADUO_ADAPTER_EXPORT_DIR) before asking the server to "
+        "load it; {migration_id}, {iteration} and {adapter_name} are filled in.",
+    )
+    concurrency: int = Field(default=8, ge=1, le=512, description="Remote backends: requests in flight.")
+    timeout_s: float = Field(default=120.0, gt=0.0, description="Remote backends: seconds per request.")
+    max_retries: int = Field(default=4, ge=0, le=20, description="Remote backends: retries of a failed request.")
+    merge_adapter: bool = Field(
+        default=True, description="transformers backend: merge the LoRA weights into the base for speed."
+    )
+    quantization: Literal["none", "4bit"] = Field(
+        default="none",
+        description="transformers backend on CUDA: 4bit loads the base in NF4 (adapter kept unmerged).",
+    )
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> InferenceSpec:
+        if self.backend != "transformers" and self.endpoint is None:
+            raise ValueError(f"inference.backend {self.backend!r} needs inference.endpoint (the server's URL)")
+        for name, template in (("adapter_name", self.adapter_name), ("load_adapter_from", self.load_adapter_from)):
+            if template is None:
+                continue
+            allowed = {"migration_id", "iteration"} | ({"adapter_name"} if name == "load_adapter_from" else set())
+            fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+            if not fields <= allowed:
+                raise ValueError(
+                    f"inference.{name} may only use {sorted(allowed)} placeholders; found {sorted(fields - allowed)}"
+                )
+        if self.load_adapter_from is not None and self.backend != "openai":
+            raise ValueError("inference.load_adapter_from is for the openai backend (vLLM's runtime LoRA loading)")
+        return self
+
+    def adapter_name_for(self, migration_id: str, iteration: int) -> str:
+        """The adapter name the remote server uses for this iteration."""
+        return self.adapter_name.format(migration_id=migration_id, iteration=iteration)
 
 
 def _default_thresholds() -> dict[Metric, float]:

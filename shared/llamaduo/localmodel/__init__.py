@@ -4,7 +4,7 @@ Nothing here imports torch or transformers at module import time: they come from
 imported inside the functions that need them.
 """
 
-from llamaduo.localmodel.loading import CHATML_TEMPLATE, load_causal_lm, load_tokenizer, pick_device
+from llamaduo.localmodel.loading import CHATML_TEMPLATE, load_causal_lm, load_tokenizer, nf4_config, pick_device
 from llamaduo.localmodel.resolve import BUNDLED_MODELS, resolve_base_model
 from llamaduo.localmodel.settings import DeviceSetting, LocalModelSettings
 from llamaduo.localmodel.tiny import build_tiny_model
@@ -17,6 +17,7 @@ __all__ = [
     "build_tiny_model",
     "load_causal_lm",
     "load_tokenizer",
+    "nf4_config",
     "pick_device",
     "resolve_base_model",
 ]

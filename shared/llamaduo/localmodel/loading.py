@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import torch
@@ -56,13 +56,36 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
-def load_causal_lm(path: Path | str, device: str = "auto", dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a causal LM in eval mode on `device` (fp32 on CPU, bf16 on CUDA unless `dtype` says otherwise)."""
+def nf4_config(compute_dtype: torch.dtype) -> Any:
+    """The QLoRA quantization (bitsandbytes): 4-bit NF4 weights, double quantization, `compute_dtype` matmuls."""
+    from transformers import BitsAndBytesConfig
+
+    return cast(Any, BitsAndBytesConfig)(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_causal_lm(
+    path: Path | str, device: str = "auto", dtype: torch.dtype | None = None, *, load_in_4bit: bool = False
+) -> PreTrainedModel:
+    """Load a causal LM in eval mode on `device` (fp32 on CPU, bf16 on CUDA unless `dtype` says otherwise).
+
+    `load_in_4bit` quantizes the weights to NF4 with bitsandbytes as they load (CUDA only).
+    """
     from transformers import AutoModelForCausalLM
 
     resolved = pick_device(device)
+    chosen = dtype or default_dtype(resolved)
+    extra: dict[str, Any] = {}
+    if load_in_4bit:
+        if not resolved.startswith("cuda"):
+            raise ValueError("4-bit loading needs a CUDA device; on a CPU use full precision (quantization: none)")
+        extra["quantization_config"] = nf4_config(chosen)
     # from_pretrained returns the model in eval mode; device_map places the weights directly on the device.
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or default_dtype(resolved), device_map=resolved, local_files_only=_local_only(path)
+        path, dtype=chosen, device_map=resolved, local_files_only=_local_only(path), **extra
     )
     return model
