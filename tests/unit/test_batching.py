@@ -17,7 +17,7 @@ from llamaduo_inferencer.batching import (
     ContinuousBatcher,
     PromptTooLongError,
     RowRequest,
-    _sample,
+    _sample_rows,
     answer_chats,
     supports_continuous_batching,
 )
@@ -197,12 +197,25 @@ def test_models_that_cannot_batch_continuously_fall_back_to_generate(
 def test_nucleus_sampling_only_draws_from_the_nucleus() -> None:
     probabilities = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.05] + [0.0] * 2000)
     logits = probabilities.clamp(min=1e-12).log()
+    flat = torch.zeros(2005)
     generator = torch.Generator().manual_seed(0)
-    drawn = {_sample(logits, 0.75, generator) for _ in range(300)}
-    assert drawn == {0, 1}
-    # A flat distribution's nucleus is wider than the candidates looked at first: the full sort takes over.
-    flat = torch.zeros(3000)
-    assert len({_sample(flat, 0.9, generator) for _ in range(300)}) > 200
+    drawn: list[list[int]] = []
+    for _ in range(300):
+        # Row 0: a nucleus of two tokens; row 1: top-p 1 keeps all; row 2: a flat nucleus wider than the candidates.
+        picks = _sample_rows(
+            torch.stack([logits, logits, flat]), torch.ones(3), [0.75, 1.0, 0.9], [generator, None, None]
+        )
+        drawn.append(picks.tolist())
+    assert {row[0] for row in drawn} == {0, 1}
+    assert {row[1] for row in drawn} == {0, 1, 2, 3, 4}
+    assert len({row[2] for row in drawn}) > 200
+    zero, one = sum(row[0] == 0 for row in drawn), sum(row[0] == 1 for row in drawn)
+    assert 0.5 < zero / (zero + one) < 0.75, "renormalised 0.5 : 0.3 within the nucleus"
+    again = _sample_rows(torch.stack([flat]), torch.ones(1), [0.9], [torch.Generator().manual_seed(4)])
+    assert (
+        again.tolist()
+        == _sample_rows(torch.stack([flat]), torch.ones(1), [0.9], [torch.Generator().manual_seed(4)]).tolist()
+    )
 
 
 def test_bad_rows_are_refused(model: Model, tokenizer: Tokenizer) -> None:

@@ -164,11 +164,13 @@ class ContinuousBatcher:
     def step(self) -> None:
         """Admit waiting rows if there is room, then decode one token for every running row."""
         free = self.max_batch_size - len(self.rows)
-        # Prefilling stalls every running row, so new rows are admitted in groups rather than one per step.
-        if self.queue and free > 0 and (not self.rows or free >= max(1, self.max_batch_size // 4)):
-            self._admit(free)
-        if self.rows:
-            self._decode()
+        # Every tensor of the batch lives in inference mode (no autograd bookkeeping, in-place updates allowed).
+        with torch.inference_mode():
+            # Prefilling stalls every running row, so new rows are admitted in groups rather than one per step.
+            if self.queue and free > 0 and (not self.rows or free >= max(1, self.max_batch_size // 4)):
+                self._admit(free)
+            if self.rows:
+                self._decode()
 
     def cancel_all(self, reason: BaseException | None = None) -> None:
         """Drop every running and waiting row without completing it."""
@@ -184,8 +186,7 @@ class ContinuousBatcher:
         else:
             inputs.pop("_rows", None)
         self.forward_passes += 1
-        with torch.inference_mode():
-            output = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        output = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return cast("torch.Tensor", output.logits[:, -1, :]).float()
 
     def _admit(self, free: int) -> None:
@@ -296,18 +297,23 @@ class ContinuousBatcher:
             self._retire(finished)
 
     def _choose(self, logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
-        chosen: list[int] = []
+        """The next token of every row, with a single device-to-host copy (one sync per step on a GPU)."""
+        scores = logits
         for index, row in enumerate(rows):
-            request = row.request
-            scores = logits[index : index + 1]
-            if request.processor is not None:
+            if row.request.processor is not None:
                 generated = torch.tensor([row.tokens], dtype=torch.long, device=self.device)
-                scores = request.processor(generated, scores.clone())
-            if request.temperature <= 0:
-                chosen.append(int(scores.argmax(-1).item()))
-            else:
-                chosen.append(_sample(scores[0] / request.temperature, request.top_p, row.generator))
-        return chosen
+                scores[index : index + 1] = row.request.processor(generated, scores[index : index + 1].clone())
+        chosen = scores.argmax(-1)
+        sampled = [index for index, row in enumerate(rows) if row.request.temperature > 0]
+        if sampled:
+            picks = _sample_rows(
+                scores[sampled],
+                torch.tensor([rows[i].request.temperature for i in sampled], device=self.device),
+                [rows[i].request.top_p for i in sampled],
+                [rows[i].generator for i in sampled],
+            )
+            chosen[sampled] = picks
+        return [int(token) for token in chosen.tolist()]
 
     def _hit_stop(self, row: _Row) -> bool:
         stop = [s for s in row.request.stop if s]
@@ -363,20 +369,48 @@ class ContinuousBatcher:
 _NUCLEUS_CANDIDATES = 1024
 
 
-def _sample(scores: torch.Tensor, top_p: float, generator: torch.Generator | None) -> int:
-    """Draw one token id from `scores` (1-D logits, already divided by the temperature) with nucleus `top_p`."""
-    probabilities = scores.softmax(-1)
-    if top_p >= 1.0:
-        return int(torch.multinomial(probabilities, 1, generator=generator).item())
+def _gumbel(shape: tuple[int, int], generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    """Gumbel noise, one row per generator: a row with its own generator draws from it, the others share torch's."""
+    uniform = torch.rand(shape, device=device)
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            uniform[row] = torch.rand(shape[1], device=device, generator=generator)
+    return -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1.0 - 1e-7)))
+
+
+def _sample_rows(
+    scores: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_ps: Sequence[float],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Draw one token per row from `scores / temperature` restricted to each row's nucleus (top-p), batched.
+
+    The draw is Gumbel-max over the kept tokens, which samples their renormalised probabilities exactly. Rows with
+    top-p 1 keep every token; the others rank their `_NUCLEUS_CANDIDATES` most likely tokens, and only a row whose
+    nucleus reaches past those ranks its whole vocabulary.
+    """
+    probabilities = (scores / temperatures[:, None]).softmax(-1)
+    picks = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+    full = [row for row, top_p in enumerate(top_ps) if top_p >= 1.0]
+    if full:
+        noise = _gumbel((len(full), probabilities.shape[1]), [generators[row] for row in full], scores.device)
+        picks[full] = (probabilities[full].clamp(min=1e-30).log() + noise).argmax(-1)
+    nucleus = [row for row, top_p in enumerate(top_ps) if top_p < 1.0]
+    if not nucleus:
+        return picks
+    top_p = torch.tensor([top_ps[row] for row in nucleus], device=scores.device, dtype=probabilities.dtype)
     k = min(_NUCLEUS_CANDIDATES, probabilities.shape[-1])
-    top, index = torch.topk(probabilities, k)
-    if k < probabilities.shape[-1] and float(top.sum()) < top_p:
-        top, index = torch.sort(probabilities, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is below top_p.
-    keep = (top.cumsum(-1) - top) < top_p
-    top = top * keep
-    pick = torch.multinomial(top / top.sum(), 1, generator=generator)
-    return int(index[pick].item())
+    top, index = torch.topk(probabilities[nucleus], k, dim=-1)
+    if bool((top.sum(-1) < top_p).any()):
+        # Some nucleus reaches past the candidates: rank these rows' whole vocabulary instead.
+        top, index = torch.sort(probabilities[nucleus], dim=-1, descending=True)
+    # A token stays while the mass before it is below top_p (the best token always stays).
+    keep = (top.cumsum(-1) - top) < top_p[:, None]
+    noise = _gumbel((len(nucleus), top.shape[1]), [generators[row] for row in nucleus], scores.device)
+    ranked = torch.where(keep, top.clamp(min=1e-30).log() + noise, torch.full_like(top, float("-inf")))
+    picks[nucleus] = index.gather(-1, ranked.argmax(-1, keepdim=True)).squeeze(-1)
+    return picks
 
 
 class _KV(Protocol):
