@@ -2,7 +2,8 @@
 
 Answers are stored as they finish, in parts of a few prompts (`responses-part-<fingerprint>-NNNNN.jsonl`); a
 redelivered task reads the parts of the same adapter and settings (the fingerprint) and answers only the prompts
-they lack. `responses.jsonl`, every prompt in test-split order, is written last; a task that finds it re-emits.
+they lack. `inference.json` records the measured throughput; `responses.jsonl`, every prompt in test-split order,
+is written last, and a task that finds it re-emits.
 
 The answers come from the spec's `inference.backend`: base + adapter run here with transformers (continuous
 batching), or a TGI or OpenAI-compatible server that serves the adapter.
@@ -15,6 +16,7 @@ import hashlib
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from llamaduo_inferencer.generation import AdapterMismatchError, Completion, Mes
 from llamaduo_inferencer.settings import InferencerSettings
 
 Report = Callable[[int, int | None], None]
+INFERENCE_MEDIA_TYPE = "application/vnd.llamaduo.inference+json"
 
 
 def prompt_responses(index: int, row: ChatRow, completions: Sequence[Completion]) -> PromptResponses:
@@ -153,9 +156,11 @@ class InferenceTask:
         inference = event.spec.inference
         self.settings.work_dir.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="inferencer-", dir=self.settings.work_dir))
+        started = time.perf_counter()
         try:
             if remaining:
                 adapter_dir = await asyncio.to_thread(self._unpack_adapter, event, work)
+                started = time.perf_counter()
                 if inference.backend == "transformers":
                     await asyncio.to_thread(self._answer_locally, event, adapter_dir, rows, remaining, parts, report)
                 else:
@@ -169,9 +174,25 @@ class InferenceTask:
             raise TaskError(error.reason, str(error)) from error
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        seconds = time.perf_counter() - started
         items = [parts.done[index] for index in range(len(rows))]
-        data = dump_models(items)
-        ref = await outputs.put("responses.jsonl", data, JSONL_MEDIA_TYPE)
+        generated = sum(r.completion_tokens for index in remaining for r in parts.done[index].responses)
+        # What this delivery measured (a resumed task measures only what it generated): the report's throughput.
+        await outputs.put_json(
+            "inference.json",
+            {
+                "backend": inference.backend,
+                "device": self.settings.device if inference.backend == "transformers" else str(inference.endpoint),
+                "prompts": len(items),
+                "prompts_generated": len(remaining),
+                "responses_per_prompt": inference.responses_per_prompt,
+                "completion_tokens_generated": generated,
+                "seconds": round(seconds, 3),
+                "completion_tokens_per_second": round(generated / seconds, 3) if seconds > 0 and generated else None,
+            },
+            INFERENCE_MEDIA_TYPE,
+        )
+        ref = await outputs.put("responses.jsonl", dump_models(items), JSONL_MEDIA_TYPE)
         return ref, len(items)
 
     def _unpack_adapter(self, event: ModelTrained, work: Path) -> Path:

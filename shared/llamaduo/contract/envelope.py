@@ -32,6 +32,14 @@ def event_id(event: Event, *parts: object) -> str:
     """Deterministic id of an event: the same logical event always gets the same id (JetStream dedups it)."""
     iteration = event.iteration if isinstance(event, IterationEvent) else getattr(event, "iteration", None)
     pieces = [event.migration_id, "-" if iteration is None else str(iteration), event.name, *map(str, parts)]
+    # After a resume the same stages run again: their events must not be taken for duplicates of the first run's.
+    spec = getattr(event, "spec", None)
+    resumed = getattr(spec, "resumed", 0) or getattr(event, "resumed", 0)
+    if resumed:
+        pieces.append(f"r{resumed}")
+    request_id = getattr(event, "request_id", None)
+    if request_id:
+        pieces.append(str(request_id))
     return ":".join(pieces)
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llamaduo.contract.artifacts import MIGRATION_ID_PATTERN, ArtifactRef
-from llamaduo.contract.spec import Metric, MigrationSpec
+from llamaduo.contract.spec import BudgetSpec, Metric, MigrationSpec
 
 SCHEMA_VERSION = 1
 Service = Literal["coordinator", "synthesizer", "trainer", "inferencer", "judge", "client"]
@@ -72,6 +72,9 @@ class DatasetReady(IterationEvent):
     synthetic_rows: int = Field(ge=0, description="Rows of the dataset that the service LLM wrote.")
     removed: dict[str, int] = Field(default_factory=dict, description="Rows dropped this round, per reason.")
     spend: Spend = Field(default_factory=Spend, description="Service-LLM spend of this round's synthesis.")
+    budget_exhausted: bool = Field(
+        default=False, description="Synthesis stopped early because the next calls would pass budgets.max_cost_usd."
+    )
 
 
 class ModelTrained(IterationEvent):
@@ -139,6 +142,9 @@ class EvaluationCompleted(IterationEvent):
     spend: Spend = Field(default_factory=Spend)
     judges: list[str] = Field(default_factory=list, description="Model names of the judge (or the panel).")
     agreement: Agreement | None = Field(default=None, description="Panel agreement; None with a single judge.")
+    budget_exhausted: bool = Field(
+        default=False, description="Judging stopped early because the next calls would pass budgets.max_cost_usd."
+    )
 
 
 class NeedMoreData(IterationEvent):
@@ -174,6 +180,7 @@ class MigrationFailed(Event):
     best_adapter: ArtifactRef | None = None
     best_scores: dict[Metric, MetricSummary] | None = None
     spend: Spend = Field(default_factory=Spend)
+    resumed: int = Field(default=0, ge=0, description="The migration's resume count when it failed.")
 
 
 class MigrationCancel(Event):
@@ -181,6 +188,17 @@ class MigrationCancel(Event):
 
     name: ClassVar[str] = "migration.cancel"
     reason: str = Field(default="cancelled by user", max_length=1000)
+
+
+class MigrationResume(Event):
+    """A client asks to continue a failed or cancelled migration from its last completed stage."""
+
+    name: ClassVar[str] = "migration.resume"
+    request_id: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="Unique per request (dedup id)."
+    )
+    budgets: BudgetSpec | None = Field(default=None, description="New budgets (e.g. more iterations or dollars).")
+    reason: str = Field(default="resumed by user", max_length=1000)
 
 
 class TaskFailed(Event):
@@ -217,6 +235,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     MigrationGraduated,
     MigrationFailed,
     MigrationCancel,
+    MigrationResume,
     TaskFailed,
     Progress,
 )

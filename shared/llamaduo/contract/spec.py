@@ -263,8 +263,22 @@ class BudgetSpec(_Section):
     """Limits after which the migration ends `failed`."""
 
     max_iterations: int = Field(default=4, ge=1, description="Fine-tune/evaluate rounds, iteration 0 included.")
-    max_synthetic_rows: int | None = Field(default=None, ge=0)
-    max_cost_usd: float | None = Field(default=None, ge=0.0)
+    max_synthetic_rows: int | None = Field(default=None, ge=0, description="Cap on service-LLM written rows.")
+    max_cost_usd: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="Hard dollar cap: the synthesizer and the judge stop calling the service LLM before the "
+        "migration's ledger would pass it (budget:cost).",
+    )
+    plateau_iterations: int | None = Field(
+        default=None,
+        ge=1,
+        description="Stop (plateau) when this many iterations in a row bring no metric above the best earlier "
+        "iteration's confidence interval.",
+    )
+    deadline_minutes: float | None = Field(
+        default=None, gt=0.0, description="Wall-clock limit from the request (deadline); checked continuously."
+    )
 
 
 class MigrationSpec(_Section):
@@ -282,6 +296,9 @@ class MigrationSpec(_Section):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec)
     budgets: BudgetSpec = Field(default_factory=BudgetSpec)
+    resumed: int = Field(
+        default=0, ge=0, description="How many times the migration was resumed; set by the coordinator, not by users."
+    )
 
     def rows_for_round(self, round_index: int) -> int:
         """New synthetic rows asked for in synthesis round `round_index` (0-based): the paper's doubling."""
