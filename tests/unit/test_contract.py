@@ -25,7 +25,7 @@ REF = ArtifactRef(uri="file:///x", sha256="0" * 64, size=1)
 
 def test_every_event_has_a_versioned_subject():
     subjects = {subject_for(event) for event in ALL_EVENTS}
-    assert len(subjects) == len(ALL_EVENTS) == 11
+    assert len(subjects) == len(ALL_EVENTS) == 12
     assert all(s.startswith("llamaduo.v1.") for s in subjects)
     assert "llamaduo.v1.migration.need_more_data" in subjects
 
@@ -92,3 +92,23 @@ def test_spec_never_carries_an_api_key():
         MigrationSpec.model_validate(
             {"task": {"name": "t"}, "coverage": {"uri": "x"}, "evaluation": {"judge": {"api_key": "sk-123"}}}
         )
+
+
+def test_a_resumed_run_and_each_resume_request_get_their_own_ids():
+    from llamaduo.contract import MigrationFailed, MigrationResume
+
+    def dataset(spec):
+        return DatasetReady(
+            migration_id="m1", iteration=1, spec=spec, dataset=REF, test=REF, train_rows=3, synthetic_rows=1
+        )
+
+    first = event_id(dataset(SPEC))
+    resumed = event_id(dataset(SPEC.model_copy(update={"resumed": 1})))
+    assert first != resumed and resumed.endswith(":r1")
+    assert event_id(MigrationFailed(migration_id="m1", reason="plateau")) != event_id(
+        MigrationFailed(migration_id="m1", reason="plateau", resumed=1)
+    )
+    one, two = (MigrationResume(migration_id="m1", request_id=r) for r in ("a1", "b2"))
+    assert event_id(one) != event_id(two)
+    with pytest.raises(ValueError):
+        MigrationResume(migration_id="m1", request_id="has spaces")
