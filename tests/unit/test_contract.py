@@ -99,16 +99,16 @@ def test_a_resumed_run_and_each_resume_request_get_their_own_ids():
 
     def dataset(spec):
         return DatasetReady(
-            migration_id="m1", iteration=1, spec=spec, dataset=REF, test=REF, train_rows=3, synthetic_rows=1
+            migration_id="mig-1", iteration=1, spec=spec, dataset=REF, test=REF, train_rows=3, synthetic_rows=1
         )
 
     first = event_id(dataset(SPEC))
     resumed = event_id(dataset(SPEC.model_copy(update={"resumed": 1})))
     assert first != resumed and resumed.endswith(":r1")
-    assert event_id(MigrationFailed(migration_id="m1", reason="plateau")) != event_id(
-        MigrationFailed(migration_id="m1", reason="plateau", resumed=1)
+    assert event_id(MigrationFailed(migration_id="mig-1", reason="plateau")) != event_id(
+        MigrationFailed(migration_id="mig-1", reason="plateau", resumed=1)
     )
-    one, two = (MigrationResume(migration_id="m1", request_id=r) for r in ("a1", "b2"))
+    one, two = (MigrationResume(migration_id="mig-1", request_id=r) for r in ("a1", "b2"))
     assert event_id(one) != event_id(two)
     with pytest.raises(ValueError):
-        MigrationResume(migration_id="m1", request_id="has spaces")
+        MigrationResume(migration_id="mig-1", request_id="has spaces")
