@@ -55,11 +55,17 @@ class MigrationState(BaseModel):
     failure_detail: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+    resumed_at: datetime | None = Field(default=None, description="When it was last resumed (the deadline's start).")
 
     @property
     def terminal(self) -> bool:
         """Whether the migration has ended."""
         return self.status in TERMINAL
+
+    @property
+    def clock_started(self) -> datetime:
+        """Where the wall-clock deadline counts from: the request, or the last resume."""
+        return self.resumed_at or self.created_at
 
     def record(self, iteration: int) -> IterationRecord | None:
         """The record of `iteration`, if it started."""

@@ -12,9 +12,10 @@ import pytest
 
 from llamaduo.bus import TaskContext, TaskError
 from llamaduo.contract import EvaluationCompleted, MigrationSpec, ResponsesReady
+from llamaduo.contract.spec import BudgetSpec, ServiceLLMSpec
 from llamaduo.data import JSONL_MEDIA_TYPE, dump_jsonl, make_row
 from llamaduo.data.results import Judgment, PromptResponses, Response, dump_models, load_models
-from llamaduo.llm import ServiceLLMSettings
+from llamaduo.llm import ServiceLLMSettings, SpendCap
 from llamaduo.store import LocalStore, artifact_key
 from llamaduo.telemetry import get_logger
 from llamaduo_judge.settings import JudgeSettings
@@ -41,6 +42,12 @@ class Context:
     def __init__(self) -> None:
         self.log = get_logger("tests.judge_task")
         self.progress: list[tuple[str, int, int | None]] = []
+
+    spent_usd = 0.0
+    """What the migration's ledger holds before this task (the coordinator's state)."""
+
+    async def spend_cap(self, max_cost_usd: float | None) -> SpendCap | None:
+        return SpendCap.for_migration(max_cost_usd, self.spent_usd)
 
     def progress_reporter(self, stage: str, min_interval_s: float = 1.0) -> Callable[[int, int | None], None]:
         return lambda done, total: self.progress.append((stage, done, total))
@@ -203,3 +210,38 @@ async def test_an_evaluation_stored_before_panels_is_re_emitted(server: Scripted
     assert completed.judges == ["gpt-4o"] and completed.agreement is None
     assert completed.scores["similarity"].ci_low is None
     assert server.requests == []
+
+
+async def test_the_dollar_cap_stops_judging_before_the_ledger_could_pass_it(
+    server: ScriptedLLM, store: LocalStore, tmp_path: Path
+) -> None:
+    # What the whole evaluation costs without a cap, measured on a store of its own.
+    uncapped_store = LocalStore(tmp_path / "uncapped")
+    (full,) = await JudgingTask(settings_for(server), uncapped_store).__call__(
+        event_for(uncapped_store), ctx(Context())
+    )
+    assert isinstance(full, EvaluationCompleted) and full.spend.calls == 6
+    calls_before = len(server.requests)
+
+    event = event_for(store)
+    spent_before = 0.5
+    # Room for about three calls after what the migration already spent (worst cases reserved, real costs settled).
+    per_call = full.spend.usd / 6
+    worst = ServiceLLMSpec().max_tokens * 2.0 / 1e6  # output price 2 USD/M; the prompt adds little
+    cap = spent_before + 2 * per_call + worst
+    event = event.model_copy(update={"spec": event.spec.model_copy(update={"budgets": BudgetSpec(max_cost_usd=cap)})})
+    context = Context()
+    context.spent_usd = spent_before
+    (capped,) = await JudgingTask(settings_for(server), store)(event, ctx(context))
+    assert isinstance(capped, EvaluationCompleted)
+    assert capped.budget_exhausted
+    sent = len(server.requests) - calls_before
+    assert 0 < sent < 6 and capped.spend.calls == sent
+    assert spent_before + capped.spend.usd <= cap, "the ledger never passes the cap"
+    judgments = load_models(store.read_bytes(capped.judgments), Judgment, "judgments")
+    skipped = [j for j in judgments if j.error and j.error.startswith("not judged: budget:cost")]
+    assert len(skipped) == 6 - sent and capped.failed_judgments == 0
+    assert stored_summary(store)["budget_exhausted"] is True
+    # Redelivered: re-emitted as it was, nothing sent.
+    (again,) = await JudgingTask(settings_for(server), store)(event, ctx(context))
+    assert again == capped and len(server.requests) - calls_before == sent

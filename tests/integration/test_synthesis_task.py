@@ -11,12 +11,14 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
 from llamaduo.bus import TaskContext, TaskError
 from llamaduo.contract import DatasetReady, MigrationSpec, NeedMoreData
+from llamaduo.contract.spec import BudgetSpec, ServiceLLMSpec
 from llamaduo.data import (
     JSONL_MEDIA_TYPE,
     MANIFEST_MEDIA_TYPE,
@@ -29,7 +31,7 @@ from llamaduo.data import (
     read_training_rows,
 )
 from llamaduo.data.results import Judgment, dump_models
-from llamaduo.llm import ServiceLLMSettings
+from llamaduo.llm import ServiceLLMSettings, SpendCap
 from llamaduo.store import LocalStore, artifact_key
 from llamaduo.telemetry import get_logger
 from llamaduo_synthesizer.dedup import words
@@ -72,6 +74,12 @@ class Context:
         self.log = get_logger("tests.synthesis_task")
         self.progress: list[tuple[str, int, int | None]] = []
         self.interrupt_after = interrupt_after
+
+    spent_usd = 0.0
+    """What the migration's ledger holds before this task (the coordinator's state)."""
+
+    async def spend_cap(self, max_cost_usd: float | None) -> SpendCap | None:
+        return SpendCap.for_migration(max_cost_usd, self.spent_usd)
 
     def progress_reporter(self, stage: str, min_interval_s: float = 1.0) -> Callable[[int, int | None], None]:
         def report(done: int, total: int | None) -> None:
@@ -375,3 +383,28 @@ async def test_a_round_whose_every_prompt_leaks_fails_without_calling(server: Sc
     assert info.value.reason == "no_synthetic_rows"
     assert "withheld for carrying test text: 3" in info.value.detail
     assert server.requests == []
+
+
+async def test_the_dollar_cap_ends_a_round_with_the_rows_it_paid_for(
+    server: ScriptedLLM, store: LocalStore, tmp_path: Path
+) -> None:
+    # One call's real cost, measured on a store of its own (so the capped run finds no cached reply).
+    measured = LocalStore(tmp_path / "measured")
+    uncapped = await ready_of(
+        SynthesisTask(settings_for(server), measured, part_rows=4, max_wave=1), event_for(measured), Context()
+    )
+    per_call = uncapped.spend.usd / uncapped.spend.calls
+    calls_before = len(server.requests)
+    event = event_for(store, new_rows=20)
+    worst = ServiceLLMSpec().max_tokens * 2.0 / 1e6  # output price 2 USD/M; the prompt adds little
+    cap = 1.0 + 2 * per_call + worst
+    event = event.model_copy(update={"spec": event.spec.model_copy(update={"budgets": BudgetSpec(max_cost_usd=cap)})})
+    context = Context()
+    context.spent_usd = 1.0
+    ready = await ready_of(SynthesisTask(settings_for(server), store, part_rows=4, max_wave=1), event, context)
+    assert ready.budget_exhausted
+    assert 0 < ready.synthetic_rows < 20, "the rows paid for are kept"
+    assert 1.0 + ready.spend.usd <= cap, "the ledger never passes the cap"
+    sent = len(server.requests) - calls_before
+    assert ready.spend.calls == sent == summary_of(store)["calls"]
+    assert summary_of(store)["budget_exhausted"] is True

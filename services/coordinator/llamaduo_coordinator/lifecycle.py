@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from typing import Protocol
 
 from llamaduo.bus import StateStore, TaskContext, TaskError
 from llamaduo.contract import (
@@ -14,15 +16,23 @@ from llamaduo.contract import (
     MigrationFailed,
     MigrationGraduated,
     MigrationRequested,
+    MigrationResume,
     MigrationSpec,
     NeedMoreData,
     TaskFailed,
 )
 from llamaduo.data import JSONL_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, DatasetError, DatasetManifest, Shard, dump_jsonl
-from llamaduo.state import IterationRecord, MigrationState
+from llamaduo.state import IterationRecord, MigrationState, utcnow
 from llamaduo.store import ArtifactError, ArtifactStore, artifact_key
+from llamaduo.telemetry import ContextLogger
 from llamaduo_coordinator.coverage import read_coverage, split_coverage
-from llamaduo_coordinator.decisions import decide
+from llamaduo_coordinator.decisions import Verdict, decide, past_deadline
+
+
+class Logs(Protocol):
+    """Anything with a `log` (a task context, or the coordinator's own for its sweeps)."""
+
+    log: ContextLogger
 
 
 class EvaluationTooEarly(Exception):
@@ -39,6 +49,7 @@ def _failed_event(state: MigrationState) -> MigrationFailed:
         best_adapter=best.adapter if best else None,
         best_scores=best.scores if best else None,
         spend=state.spend,
+        resumed=state.spec.resumed,
     )
 
 
@@ -137,6 +148,12 @@ class Coordinator:
             return state
 
         await states.update(event.migration_id, record)
+        if event.budget_exhausted:
+            detail = (
+                f"synthesis for iteration {event.iteration} stopped before its calls could pass "
+                f"budgets.max_cost_usd={event.spec.budgets.max_cost_usd}"
+            )
+            return await self._fail(states, event.migration_id, "budget:cost", detail, ctx)
         return []
 
     # evaluation.completed -----------------------------------------------------------------------------
@@ -156,11 +173,13 @@ class Coordinator:
             record = state.record(event.iteration)
             if state.terminal or record is None or record.decision is not None:
                 return None
+            # A resumed migration re-decides an evaluation it recorded before: its spend is in the ledger already.
+            if record.judgments is None:
+                record.spend = record.spend + event.spend
+                state.spend = state.spend + event.spend
             record.adapter, record.judgments, record.scores = event.adapter, event.judgments, event.scores
             record.failed_judgments = event.failed_judgments
-            record.spend = record.spend + event.spend
-            state.spend = state.spend + event.spend
-            verdict = decide(state.spec, event.iteration, event.scores, state.spend, record.synthetic_rows)
+            verdict = self._verdict(state, event, record)
             record.decision = verdict.action
             if verdict.action == "graduated":
                 state.status = "graduated"
@@ -195,7 +214,7 @@ class Coordinator:
         if record.decision == "failed":
             return [_failed_event(state)]
         round_index = event.iteration
-        new_rows = decide(state.spec, event.iteration, event.scores, state.spend, record.synthetic_rows).new_rows
+        new_rows = self._verdict(state, event, record).new_rows
         return [
             NeedMoreData(
                 migration_id=state.migration_id,
@@ -209,10 +228,32 @@ class Coordinator:
             )
         ]
 
+    @staticmethod
+    def _verdict(state: MigrationState, event: EvaluationCompleted, record: IterationRecord) -> Verdict:
+        if event.budget_exhausted:
+            return Verdict(
+                "failed",
+                "budget:cost",
+                f"judging of iteration {event.iteration} stopped before its calls could pass "
+                f"budgets.max_cost_usd={state.spec.budgets.max_cost_usd}; spent ${state.spend.usd:.4f}",
+            )
+        earlier = [item.scores for item in state.iterations if item.iteration < event.iteration and item.scores]
+        return decide(
+            state.spec,
+            event.iteration,
+            event.scores,
+            state.spend,
+            record.synthetic_rows,
+            earlier=earlier,
+            started=state.clock_started,
+            now=utcnow(),
+        )
+
     # task.failed and migration.cancel -----------------------------------------------------------------
     async def on_task_failed(self, event: TaskFailed, ctx: TaskContext) -> list[Event]:
         """A worker gave up: the migration fails with the worker's reason."""
-        reason = f"task_failed:{event.service}:{event.reason}"
+        # A budget a worker enforced is the migration's reason as such (budget:cost), not a worker fault.
+        reason = event.reason if event.reason.startswith("budget:") else f"task_failed:{event.service}:{event.reason}"
         return await self._fail(await ctx.states(), event.migration_id, reason, event.detail, ctx)
 
     async def on_cancel(self, event: MigrationCancel, ctx: TaskContext) -> list[Event]:
@@ -220,7 +261,7 @@ class Coordinator:
         return await self._fail(await ctx.states(), event.migration_id, "cancelled", event.reason, ctx, "cancelled")
 
     async def _fail(
-        self, states: StateStore, migration_id: str, reason: str, detail: str, ctx: TaskContext, status: str = "failed"
+        self, states: StateStore, migration_id: str, reason: str, detail: str, ctx: Logs, status: str = "failed"
     ) -> list[Event]:
         def mark(state: MigrationState) -> MigrationState | None:
             if state.terminal:
@@ -240,3 +281,97 @@ class Coordinator:
             return []
         ctx.log.warning("migration failed", extra={"reason": reason, "detail": detail})
         return [_failed_event(state)]
+
+    # deadlines --------------------------------------------------------------------------------------------
+    async def expire_deadlines(self, states: StateStore, log: ContextLogger) -> list[Event]:
+        """Fail every running migration whose wall-clock deadline has passed (called periodically)."""
+        now = utcnow()
+        events: list[Event] = []
+        for state in await states.list():
+            if state.terminal or not past_deadline(state.spec, state.clock_started, now):
+                continue
+            minutes = state.spec.budgets.deadline_minutes
+            detail = f"the deadline of {minutes:g} minutes passed during iteration {state.iteration}"
+            events += await self._fail(states, state.migration_id, "deadline", detail, _Sweep(log))
+        return events
+
+    # migration.resume -------------------------------------------------------------------------------------
+    async def on_resume(self, event: MigrationResume, ctx: TaskContext) -> list[Event]:
+        """Reopen a failed or cancelled migration and restart its last unfinished stage.
+
+        The stage's input event is published again (with the resume count in its id); every stage whose output is
+        stored re-emits it without redoing the work, so the migration continues where it stopped. An evaluation
+        that was decided `failed` (a budget, the plateau) is decided again under the new budgets.
+        """
+        states = await ctx.states()
+        found = await states.get(event.migration_id)
+        if found is None:
+            raise TaskError("unknown_migration", f"cannot resume unknown migration {event.migration_id}")
+        if found[0].status not in ("failed", "cancelled"):
+            ctx.log.info("resume ignored", extra={"status": found[0].status})
+            return []
+        if found[0].train is None or found[0].test is None or not found[0].iterations:
+            ctx.log.warning("resume ignored: the migration never started", extra={"reason": found[0].failure_reason})
+            return []
+
+        def reopen(state: MigrationState) -> MigrationState | None:
+            if state.status not in ("failed", "cancelled"):
+                return None
+            state.spec = state.spec.model_copy(
+                update={"resumed": state.spec.resumed + 1, "budgets": event.budgets or state.spec.budgets}
+            )
+            state.status, state.failure_reason, state.failure_detail = "running", None, None
+            state.resumed_at = utcnow()
+            last = state.iterations[-1]
+            if last.decision == "failed":
+                last.decision = None
+            return state
+
+        state = await states.update(event.migration_id, reopen)
+        if state is None:
+            return []
+        last = state.iterations[-1]
+        assert state.test is not None
+        ctx.log.info(
+            "migration resumed",
+            extra={"resumed": state.spec.resumed, "from_iteration": last.iteration, "decision": last.decision},
+        )
+        if last.decision == "need_more_data" and last.judgments is not None:
+            return [
+                NeedMoreData(
+                    migration_id=state.migration_id,
+                    iteration=last.iteration,
+                    spec=state.spec,
+                    dataset=last.dataset,
+                    test=state.test,
+                    judgments=last.judgments,
+                    new_rows=max(_rows_to_ask(state, last), 1),
+                    round_index=last.iteration,
+                )
+            ]
+        return [
+            DatasetReady(
+                migration_id=state.migration_id,
+                iteration=last.iteration,
+                spec=state.spec,
+                dataset=last.dataset,
+                test=state.test,
+                train_rows=last.train_rows,
+                synthetic_rows=last.synthetic_rows,
+                removed=last.removed,
+            )
+        ]
+
+
+def _rows_to_ask(state: MigrationState, record: IterationRecord) -> int:
+    """The synthesis volume of the round after `record`, within the synthetic-rows budget."""
+    rows = state.spec.rows_for_round(record.iteration)
+    cap = state.spec.budgets.max_synthetic_rows
+    return rows if cap is None else min(rows, cap - record.synthetic_rows)
+
+
+@dataclass
+class _Sweep:
+    """The coordinator's own context for work no event started (deadline sweeps)."""
+
+    log: ContextLogger

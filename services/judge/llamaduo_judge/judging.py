@@ -18,7 +18,7 @@ from llamaduo.contract.events import Agreement, MetricSummary, Spend
 from llamaduo.contract.spec import EvaluationSpec, Metric, TaskSpec
 from llamaduo.data.results import Judgment, PromptResponses
 from llamaduo.data.rows import ChatRow
-from llamaduo.llm import Ledger, LLMReplyError, LLMRequestError, ServiceLLM, TokenLogprob
+from llamaduo.llm import Ledger, LLMReplyError, LLMRequestError, ServiceLLM, SpendCapReached, TokenLogprob
 from llamaduo_judge.prompts import (
     JUDGMENT_SCHEMA,
     REASON_HARD_MAX_CHARS,
@@ -158,6 +158,12 @@ class JudgeOutcome:
     judges: list[str] = field(default_factory=list)
     per_judge: dict[str, dict[Metric, MetricSummary]] = field(default_factory=dict)
     agreement: Agreement | None = None
+    skipped_for_budget: int = 0
+    budget_exhausted: bool = False
+
+
+SKIPPED_FOR_BUDGET = "not judged: budget:cost"
+"""The error of a judgment never requested because it could have passed the migration's dollar cap."""
 
 
 async def judge_responses(
@@ -192,6 +198,7 @@ async def judge_responses(
     total = len(jobs)
     ledger = Ledger()
     done = 0
+    exhausted = False
 
     async def judge_one(judge: int, item: PromptResponses, response_index: int, repeat: int) -> Judgment:
         nonlocal done
@@ -219,6 +226,11 @@ async def judge_responses(
             if not exc.item_level:
                 raise
             error = str(exc)
+        except SpendCapReached as exc:
+            # Not sent, not paid: the migration's dollar cap stops judging here, with what is judged so far.
+            nonlocal exhausted
+            exhausted = True
+            error = f"{SKIPPED_FOR_BUDGET}: {exc}"
         else:
             ledger.add(reply)
             reason = reply.value.reason
@@ -256,7 +268,8 @@ async def judge_responses(
     judgments = sorted(
         (t.result() for t in tasks), key=lambda j: (j.index, j.response_index, order[j.judge_model], j.repeat)
     )
-    failed = sum(1 for j in judgments if j.error is not None)
+    skipped = sum(1 for j in judgments if j.error is not None and j.error.startswith(SKIPPED_FOR_BUDGET))
+    failed = sum(1 for j in judgments if j.error is not None) - skipped
 
     def summarise(chosen: Sequence[Judgment]) -> dict[Metric, MetricSummary]:
         return aggregate(
@@ -275,6 +288,8 @@ async def judge_responses(
         judges=labels,
         per_judge=per_judge,
         agreement=agreement(judgments, labels, per_judge=per_judge),
+        skipped_for_budget=skipped,
+        budget_exhausted=exhausted,
     )
 
 

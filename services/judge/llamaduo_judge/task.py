@@ -37,8 +37,9 @@ class JudgingTask:
             raw = await asyncio.to_thread(self.store.read_bytes, event.responses)
             responses = load_models(raw, PromptResponses, event.responses.uri)
             evaluation = event.spec.evaluation
+            cap = await ctx.spend_cap(event.spec.budgets.max_cost_usd)
             judges = [
-                ServiceLLM(resolve(self.settings.service_llm, spec), self.store)
+                ServiceLLM(resolve(self.settings.service_llm, spec), self.store, spend_cap=cap)
                 for spec in [evaluation.judge, *evaluation.panel]
             ]
             try:
@@ -57,7 +58,7 @@ class JudgingTask:
                 for llm in judges:
                     await llm.aclose()
             judgments_ref = await outputs.put("judgments.jsonl", dump_models(outcome.judgments), JSONL_MEDIA_TYPE)
-            if not outcome.scores:
+            if not outcome.scores and not outcome.budget_exhausted:
                 # Written above all the same, so people can read every judge's errors in the artifact.
                 raise TaskError("all_judgments_failed", _all_failed_detail(outcome))
             summary = {
@@ -67,6 +68,8 @@ class JudgingTask:
                 "failed": outcome.failed,
                 "spend": outcome.spend.model_dump(),
                 "agreement": outcome.agreement.model_dump() if outcome.agreement is not None else None,
+                "budget_exhausted": outcome.budget_exhausted,
+                "skipped_for_budget": outcome.skipped_for_budget,
             }
             # Written last: its presence means the whole output exists.
             await outputs.put_json("evaluation.json", summary, SUMMARY_MEDIA_TYPE)
@@ -85,6 +88,7 @@ class JudgingTask:
                 # An evaluation stored before panels existed names its one judge only as `judge_model`.
                 judges=list(summary.get("judges") or [summary["judge_model"]]),
                 agreement=Agreement.model_validate(summary["agreement"]) if summary.get("agreement") else None,
+                budget_exhausted=bool(summary.get("budget_exhausted", False)),
             )
         ]
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llamaduo.contract.events import Spend
 from llamaduo.contract.spec import SynthesisSpec, TaskSpec
 from llamaduo.data.rows import ChatRow, Message
-from llamaduo.llm import Ledger, LLMReply, LLMReplyError, LLMRequestError, ServiceLLM
+from llamaduo.llm import Ledger, LLMReply, LLMReplyError, LLMRequestError, ServiceLLM, SpendCapReached
 from llamaduo_synthesizer.decontamination import TestSetGuard
 from llamaduo_synthesizer.dedup import NearDuplicateIndex
 from llamaduo_synthesizer.prompts import SCHEMA_NAME, pairs_schema, prompt_text, synthesis_messages, validate_template
@@ -279,6 +279,7 @@ class SynthesisOutcome:
     failed_calls: int = 0
     seeds_excluded: int = 0
     withheld: int = 0
+    budget_exhausted: bool = False
 
 
 Sink = Callable[[list[ChatRow], Checkpoint], Awaitable[None]]
@@ -353,6 +354,8 @@ async def synthesize(
     failed_calls, withheld = state.failed_calls, state.withheld
     buffer: list[ChatRow] = []
     collected: list[ChatRow] = []
+    exhausted = False
+    refused = 0
 
     async def call(messages: list[dict[str, str]], index: int) -> LLMReply[_PairsReply] | None:
         try:
@@ -371,6 +374,12 @@ async def synthesize(
         except LLMRequestError as exc:
             if not exc.item_level:
                 raise
+            return None
+        except SpendCapReached:
+            # Not sent, not paid: the migration's dollar cap ends the round with the rows kept so far.
+            nonlocal exhausted, refused
+            exhausted = True
+            refused += 1
             return None
 
     def build(seed_row: ChatRow) -> tuple[list[dict[str, str]], bool]:
@@ -419,6 +428,10 @@ async def synthesize(
             # Callers handle one fault (LLMUnavailable, LLMRequestError), not a group of the same fault.
             raise errors.exceptions[0] from None
         replies = [task_.result() for task_ in tasks]
+        # Calls the cap refused were never sent: they are neither calls nor failures.
+        calls -= refused
+        failed_calls -= refused
+        refused = 0
         for reply in replies:
             if reply is None:
                 failed_calls += 1
@@ -427,7 +440,7 @@ async def synthesize(
         # Replies are screened in call order, not completion order, so the kept rows are reproducible.
         plan = [(row, reply) for (_, row, _), reply in zip(sent, replies, strict=True)]
         new = await asyncio.to_thread(keep, plan)
-        finished = kept >= new_rows or slots >= cap
+        finished = kept >= new_rows or slots >= cap or exhausted
         if sink is None:
             collected.extend(new)
         else:
@@ -446,6 +459,8 @@ async def synthesize(
                 buffer = []
         if on_progress is not None:
             on_progress(kept, new_rows)
+        if exhausted:
+            break
     return SynthesisOutcome(
         rows=collected,
         kept=kept,
@@ -455,4 +470,5 @@ async def synthesize(
         failed_calls=failed_calls,
         seeds_excluded=len(seeds) - len(usable),
         withheld=withheld,
+        budget_exhausted=exhausted,
     )

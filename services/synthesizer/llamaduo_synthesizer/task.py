@@ -101,6 +101,7 @@ class SynthesisTask:
                 synthetic_rows=manifest.synthetic_rows,
                 removed=summary["removed"],
                 spend=Spend.model_validate(summary["spend"]),
+                budget_exhausted=bool(summary.get("budget_exhausted", False)),
             )
         ]
 
@@ -204,7 +205,10 @@ class SynthesisTask:
             )
             shards.append(shard)
 
-        llm = ServiceLLM(resolved, self.store)
+        cap = await ctx.spend_cap(event.spec.budgets.max_cost_usd)
+        if cap is not None and resume is not None:
+            cap.spent_usd += resume.spend.usd  # parts stored by an earlier delivery are paid, not yet in the ledger
+        llm = ServiceLLM(resolved, self.store, spend_cap=cap)
         try:
             outcome = await synthesize(
                 seeds,
@@ -229,7 +233,7 @@ class SynthesisTask:
             raise TaskError("no_usable_seeds", str(exc)) from exc
         finally:
             await llm.aclose()
-        if outcome.kept == 0:
+        if outcome.kept == 0 and not outcome.budget_exhausted:
             raise TaskError(
                 "no_synthetic_rows",
                 f"{outcome.calls} service-LLM calls produced no usable row (removed: {outcome.removed}, "
@@ -253,6 +257,7 @@ class SynthesisTask:
             "removed": outcome.removed,
             "spend": outcome.spend.model_dump(),
             "targeting": targeting.summary() if targeting is not None else None,
+            "budget_exhausted": outcome.budget_exhausted,
         }
         # Written last: its presence means the whole output exists.
         await asyncio.to_thread(

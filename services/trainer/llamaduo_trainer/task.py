@@ -30,6 +30,9 @@ class TrainingTask:
 
     async def __call__(self, event: DatasetReady, ctx: TaskContext) -> list[Event]:
         """Handle dataset.ready."""
+        if event.budget_exhausted:
+            ctx.log.info("dataset ends the migration on its dollar cap; nothing to train")
+            return []
         outputs = StageOutputs(self.store, event.migration_id, event.iteration, "adapter")
         # training.json is written after the adapter, so its presence means the whole output exists.
         done = await outputs.completed("training.json", RESULT_MEDIA_TYPE)

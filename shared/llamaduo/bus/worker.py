@@ -23,7 +23,7 @@ from llamaduo.bus.settings import BusSettings
 from llamaduo.contract import Event, PoisonMessage, Progress, TaskFailed, decode
 from llamaduo.contract.events import IterationEvent, Service
 from llamaduo.data import DatasetError
-from llamaduo.llm import LLMRequestError
+from llamaduo.llm import LLMRequestError, SpendCap
 from llamaduo.store import ArtifactError
 from llamaduo.telemetry import ContextLogger, get_logger
 
@@ -85,6 +85,14 @@ class TaskContext:
             )
         except Exception as exc:  # progress is advisory; a lost one must not cost the task
             self.log.warning("progress not published", extra={"error": repr(exc)})
+
+    async def spend_cap(self, max_cost_usd: float | None) -> SpendCap | None:
+        """The dollar cap left to this task: the migration's `max_cost_usd` less what its ledger holds so far."""
+        if max_cost_usd is None:
+            return None
+        found = await (await self.states()).get(self.migration_id)
+        spent = found[0].spend.usd if found is not None else 0.0
+        return SpendCap.for_migration(max_cost_usd, spent)
 
     def progress_reporter(self, stage: str, min_interval_s: float = 1.0) -> Callable[[int, int | None], None]:
         """A callback for worker threads that sends progress at most every `min_interval_s` (and at the end)."""

@@ -1,5 +1,6 @@
 """The service-LLM client: any OpenAI-compatible chat API, asked for JSON, rate-limited, retried, cached and costed."""
 
+from llamaduo.llm.budget import SpendCap, SpendCapReached
 from llamaduo.llm.client import (
     ITEM_ERROR_STATUS,
     Ledger,
@@ -34,6 +35,8 @@ __all__ = [
     "ResolvedLLM",
     "ServiceLLM",
     "ServiceLLMSettings",
+    "SpendCap",
+    "SpendCapReached",
     "TokenBucket",
     "TokenLogprob",
     "Usage",

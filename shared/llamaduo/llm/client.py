@@ -19,6 +19,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from llamaduo.contract.events import Spend
+from llamaduo.llm.budget import SpendCap, estimate_prompt_tokens
 from llamaduo.llm.limits import RateLimits, estimate_tokens, shared_limits
 from llamaduo.llm.settings import ResolvedLLM
 from llamaduo.store.base import ArtifactError, ArtifactStore, StoreUnavailable
@@ -282,8 +283,11 @@ class ServiceLLM:
         rng: random.Random | None = None,
         client: openai.AsyncOpenAI | None = None,
         limits: RateLimits | None = None,
+        spend_cap: SpendCap | None = None,
     ) -> None:
         self.llm = llm
+        # Shared by the clients of one task: calls that could pass the migration's dollar cap are never sent.
+        self.spend_cap = spend_cap
         self.store = store
         self._rng = rng or random.Random()
         self._secret = llm.api_key.get_secret_value() if llm.api_key is not None else ""
@@ -468,7 +472,18 @@ class ServiceLLM:
         if cached is not None:
             self._count(cache_hits=1)
             return cached
-        completion = await self._request(conversation, request)
+        reserved = 0.0
+        if self.spend_cap is not None:
+            worst = self.llm.usd(estimate_prompt_tokens(conversation), request.max_tokens)
+            reserved = self.spend_cap.reserve(worst)
+        try:
+            completion = await self._request(conversation, request)
+        except BaseException:
+            if self.spend_cap is not None:
+                self.spend_cap.settle(reserved, 0.0)
+            raise
+        if self.spend_cap is not None:
+            self.spend_cap.settle(reserved, self._usd(completion.usage))
         record = {
             "model": self.llm.model,
             "text": completion.text,
