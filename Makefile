@@ -3,12 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-PACKAGES := -e 'shared[embedded,local-model]' -e services/coordinator -e services/synthesizer -e services/judge \
+PACKAGES := -e 'shared[embedded,local-model,report]' -e services/coordinator -e services/synthesizer -e services/judge \
             -e services/trainer -e services/inferencer
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint schemas up down bench bench-judge bench-synth clean
+.PHONY: install demo test test-fast lint schemas up down bench bench-judge bench-synth bench-infer gpu-check clean
 
 $(STAMP): shared/pyproject.toml services/*/pyproject.toml requirements-dev.txt constraints.txt
 	python3 -m venv $(VENV)
@@ -57,6 +57,16 @@ bench-judge: install
 # O(N²) way on 16K rows: time, peak memory, precision/recall.
 bench-synth: install
 	$(PY) -m tests.bench.synth_dedup
+
+# Evaluation-time generation (continuous batching vs fixed generate batches), then `llamaduo serve` with 8
+# concurrent clients vs one request at a time; each prints both throughputs and the ratio.
+bench-infer: install
+	$(PY) -m tests.bench.infer_throughput
+	$(PY) -m tests.bench.serve_throughput
+
+# On a CUDA machine: a random-init TinyLlama-shaped model, our generation path vs the reference way.
+gpu-check: install
+	$(PY) -m tests.bench.gpu_check
 
 clean:
 	rm -rf .llamaduo .pytest_cache .mypy_cache .ruff_cache

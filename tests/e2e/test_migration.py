@@ -143,6 +143,46 @@ async def test_a_migration_that_never_clears_the_bar_fails_at_its_iteration_limi
     assert not any(prompt in request for prompt in test_prompts for request in synthesis_requests)
 
 
+async def test_the_report_and_lineage_of_a_finished_run(stack, tmp_path):
+    """Runs after the iteration-limit migration above: its report's figures carry the state's numbers."""
+    from llamaduo.report import Lineage, build_lineage, write_report_files
+    from llamaduo.report.data import build_report_data
+    from llamaduo.report.figures import dataset_series, metric_series, spend_series
+
+    settings = settings_of(stack)
+    async with Client(settings, settings) as client:
+        state = await client.status("e2e-iteration-limit")
+    assert state is not None and state.status == "failed"
+    store = open_store(settings)
+    paths = write_report_files(state, store, tmp_path / "report")
+    page = paths[0].read_text()
+    assert paths[0].name == "report.html" and len(paths) >= 4
+    assert all(path.stat().st_size > 0 for path in paths)
+    assert "e2e-iteration-limit" in page and "budget:iterations" in page and "llamaduo serve" in page
+    report = build_report_data(state, store, gpu_usd_per_hour=2.0)
+    similarity = next(series for series in metric_series(report) if series.metric == "similarity")
+    assert similarity.iterations == [0, 1]
+    assert similarity.means == [record.scores["similarity"].mean for record in state.iterations]
+    assert similarity.threshold == 95
+    sizes = dataset_series(report)
+    assert [c + s for c, s in zip(sizes.coverage, sizes.synthetic, strict=True)] == [
+        record.train_rows for record in state.iterations
+    ]
+    assert spend_series(report).cumulative[-1] == pytest.approx(state.spend.usd)
+    # The coordinator stored each decided iteration's lineage: the adapter links to its dataset's shards.
+    for record in state.iterations:
+        stored = store.head(f"migrations/e2e-iteration-limit/iter-{record.iteration:04d}/lineage/lineage.json")
+        assert stored is not None
+        lineage = Lineage.model_validate_json(store.read_bytes(stored))
+        assert lineage.decision == record.decision
+        assert lineage.training is not None and lineage.training.adapter == record.adapter
+        manifest = read_manifest(store, record.dataset)
+        assert lineage.dataset.shards is not None
+        assert [shard.sha256 for shard in lineage.dataset.shards] == [shard.ref.sha256 for shard in manifest.shards]
+        assert (lineage.synthesis is not None) == (record.iteration > 0)
+        assert build_lineage(store, state, record.iteration).decision == record.decision
+
+
 async def test_a_duplicate_request_does_nothing(stack, tiny_model_dir):
     spec = tiny_spec(tiny_model_dir)
     spec = spec.model_copy(update={"evaluation": thresholds(spec, 60)})
@@ -169,6 +209,47 @@ async def test_a_duplicate_request_does_nothing(stack, tiny_model_dir):
         await nc.close()
         assert seen == [0]
         assert (await client.status("e2e-duplicate")).status == "graduated"
+
+
+async def test_a_cancelled_migration_resumes_without_redoing_finished_stages(stack, tiny_model_dir):
+    import uuid
+
+    from llamaduo.bus import Publisher
+    from llamaduo.contract import MigrationResume, ModelTrained
+
+    spec = tiny_spec(tiny_model_dir)
+    spec = spec.model_copy(update={"evaluation": thresholds(spec, 60)})
+    settings = settings_of(stack)
+    async with Client(settings, settings) as client:
+        since = datetime.now(UTC)
+        await client.submit(spec, "e2e-resume")
+        trained = None
+        async for event in client.follow("e2e-resume", since, idle_timeout=300):
+            if isinstance(event, ModelTrained):
+                trained = event
+                await client.cancel("e2e-resume", "pause after training")
+            if event.name == "migration.failed":
+                break
+        assert trained is not None
+        assert (await client.status("e2e-resume")).status == "cancelled"
+        resumed_at = datetime.now(UTC)
+        await Publisher(client.js, "test", settings).publish(
+            MigrationResume(migration_id="e2e-resume", request_id=uuid.uuid4().hex)
+        )
+        after: list[Event] = []
+        # From shortly before the resume: the cancellation's failure may come first, so go past terminal events.
+        async for event in client.follow("e2e-resume", resumed_at, idle_timeout=300, stop_at_terminal=False):
+            if event.name != "progress":
+                after.append(event)
+            if event.name == "migration.graduated":
+                break
+        state = await client.status("e2e-resume")
+    assert after[-1].name == "migration.graduated" and state.status == "graduated"
+    again = [e for e in after if isinstance(e, ModelTrained) and e.spec.resumed == 1]
+    # The trainer found its adapter stored and emitted it again: the same bytes, not a second training run.
+    assert len(again) == 1 and again[0].adapter == trained.adapter
+    trainer_log = (stack.logs_dir / "trainer.log").read_text()
+    assert trainer_log.count("adapter already trained; re-emitting") >= 1
 
 
 async def test_malformed_events_are_dead_lettered_and_the_services_keep_serving(stack, tiny_model_dir):

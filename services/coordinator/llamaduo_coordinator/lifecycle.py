@@ -22,6 +22,7 @@ from llamaduo.contract import (
     TaskFailed,
 )
 from llamaduo.data import JSONL_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, DatasetError, DatasetManifest, Shard, dump_jsonl
+from llamaduo.report.lineage import write_lineage
 from llamaduo.state import IterationRecord, MigrationState, utcnow
 from llamaduo.store import ArtifactError, ArtifactStore, artifact_key
 from llamaduo.telemetry import ContextLogger
@@ -199,6 +200,7 @@ class Coordinator:
         record = state.record(event.iteration)
         if record is None or record.decision is None or state.iteration != event.iteration:
             return []
+        await self._write_lineage(state, event.iteration, ctx)
         if record.decision == "graduated":
             return [
                 MigrationGraduated(
@@ -227,6 +229,13 @@ class Coordinator:
                 round_index=round_index,
             )
         ]
+
+    async def _write_lineage(self, state: MigrationState, iteration: int, ctx: TaskContext) -> None:
+        """Store what the iteration's adapter came from (the same bytes on a redelivery); never fails a decision."""
+        try:
+            await asyncio.to_thread(write_lineage, self.store, state, iteration)
+        except (ArtifactError, OSError, ValueError) as exc:
+            ctx.log.warning("lineage not written", extra={"error": repr(exc)})
 
     @staticmethod
     def _verdict(state: MigrationState, event: EvaluationCompleted, record: IterationRecord) -> Verdict:

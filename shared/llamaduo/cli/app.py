@@ -8,16 +8,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from llamaduo.cli.render import describe, print_outcome, state_table
+from llamaduo.cli.render import describe, print_outcome, result_lines, summary_table
 from llamaduo.cli.settings import CliSettings, cli_settings
-from llamaduo.client import Client, SpecError, load_spec
+from llamaduo.cli.watch import report_view
+from llamaduo.cli.watch import watch as watch_migration
+from llamaduo.client import Client, ResumeRefused, SpecError, load_spec
 from llamaduo.contract import MigrationGraduated, MigrationSpec, Progress
 from llamaduo.embedded.stack import DEFAULT_SERVED_MODEL, STACK_FILE, Stack, StackConfig, read_stack_file
 
@@ -196,29 +200,135 @@ def demo(
     raise typer.Exit(0 if code in (0, 3) else code)
 
 
-async def _status(settings: CliSettings, migration_id: str | None) -> int:
+def _unknown(migration_id: str) -> int:
+    err.print(f"[red]error:[/red] no migration {escape(repr(migration_id))}")
+    return 2
+
+
+async def _status(settings: CliSettings, migration_id: str) -> int:
     async with Client(settings, settings) as client:
-        if migration_id is None:
-            console.print(state_table(await (await client.states()).list()))
-            return 0
-        state = await client.status(migration_id)
-        if state is None:
-            err.print(f"no migration {migration_id!r}")
-            return 2
-        print_outcome(console, state)
-        return 0
+        report = await client.status_report(migration_id)
+    if report is None:
+        return _unknown(migration_id)
+    console.print(report_view(report, datetime.now(UTC)))
+    for line in result_lines(report.state, with_spend=False):
+        console.print(line, markup=False)
+    return 0
 
 
 @app.command()
 def status(migration_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
-    """Show one migration's state, iterations, scores, spend and results."""
+    """Show one migration's state, live progress and ETA, iterations, scores, spend and results."""
     raise typer.Exit(asyncio.run(_status(cli_settings(), migration_id)))
+
+
+async def _list(settings: CliSettings) -> int:
+    async with Client(settings, settings) as client:
+        listing = await client.list_report()
+    if not listing.migrations:
+        console.print("no migrations")
+    else:
+        console.print(summary_table(listing.migrations))
+    if listing.truncated:
+        err.print(f"only the {len(listing.migrations)} most recently updated migrations are listed")
+    if listing.note:
+        err.print(listing.note, markup=False)
+    return 0
 
 
 @app.command(name="list")
 def list_migrations() -> None:
-    """List every migration with its state."""
-    raise typer.Exit(asyncio.run(_status(cli_settings(), None)))
+    """List every migration: status, iteration, best scores, dollars and when it last changed."""
+    raise typer.Exit(asyncio.run(_list(cli_settings())))
+
+
+async def _watch(settings: CliSettings, migration_id: str, refresh_s: float) -> int:
+    async with Client(settings, settings) as client:
+        outcome = await watch_migration(client, migration_id, console, refresh_s=refresh_s)
+    if outcome is None:
+        return _unknown(migration_id)
+    print_outcome(console, outcome.state)
+    return 0 if outcome.state.status == "graduated" else 3
+
+
+def _watching(run: Coroutine[Any, Any, int], migration_id: str) -> int:
+    """Run a watching coroutine; Ctrl-C leaves the view and leaves the migration alone."""
+    try:
+        return asyncio.run(run)
+    except KeyboardInterrupt:
+        err.print(f"stopped watching; migration {migration_id} goes on (llamaduo status {migration_id})", markup=False)
+        return 130
+
+
+@app.command(name="watch")
+def watch_command(
+    migration_id: Annotated[str, typer.Argument(metavar="ID")],
+    refresh: Annotated[float, typer.Option(help="Seconds between status refreshes.", min=0.5)] = 5.0,
+) -> None:
+    """Watch a migration live until it ends: stage progress and ETA, iterations, scores, dollars.
+
+    Exits 0 when it graduates, 3 when it ends otherwise, 2 for an unknown id; Ctrl-C only stops watching.
+    """
+    raise typer.Exit(_watching(_watch(cli_settings(), migration_id, refresh), migration_id))
+
+
+async def _resume(
+    settings: CliSettings, migration_id: str, overrides: dict[str, object], reason: str, watch: bool
+) -> int:
+    async with Client(settings, settings) as client:
+        before = await client.status(migration_id)
+        try:
+            request_id = await client.resume(migration_id, overrides, reason)
+        except ResumeRefused as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
+            return 2
+        changed = ", ".join(f"{key}={value}" for key, value in overrides.items()) or "unchanged budgets"
+        console.print(f"resume requested for {migration_id} ({changed}; request {request_id})", markup=False)
+        if not watch:
+            console.print(f"follow it with: llamaduo watch {migration_id}", markup=False)
+            return 0
+        resumed_after = before.spec.resumed if before is not None else 0
+        outcome = await watch_migration(client, migration_id, console, resumed_after=resumed_after)
+    if outcome is None:
+        return _unknown(migration_id)
+    if not outcome.ended:
+        err.print(
+            f"the coordinator has not acted on resume request {request_id} yet; "
+            f"check again with: llamaduo status {migration_id}",
+            markup=False,
+        )
+        return 4
+    print_outcome(console, outcome.state)
+    return 0 if outcome.state.status == "graduated" else 3
+
+
+@app.command()
+def resume(
+    migration_id: Annotated[str, typer.Argument(metavar="ID")],
+    max_iterations: Annotated[int | None, typer.Option(help="New budgets.max_iterations (iteration 0 counts).")] = None,
+    max_cost_usd: Annotated[float | None, typer.Option(help="New budgets.max_cost_usd (dollars, whole run).")] = None,
+    max_synthetic_rows: Annotated[int | None, typer.Option(help="New budgets.max_synthetic_rows.")] = None,
+    plateau_iterations: Annotated[int | None, typer.Option(help="New budgets.plateau_iterations.")] = None,
+    deadline_minutes: Annotated[float | None, typer.Option(help="New budgets.deadline_minutes.")] = None,
+    reason: Annotated[str, typer.Option(help="Why (recorded with the request).")] = "resumed by user",
+    watch: Annotated[bool, typer.Option(help="Watch the resumed migration until it ends.")] = False,
+) -> None:
+    """Resume a failed or cancelled migration from its last completed stage, optionally with new budgets.
+
+    Budgets not given stay as they are. Exits 2 when the migration is unknown or cannot be resumed.
+    """
+    overrides: dict[str, object] = {
+        key: value
+        for key, value in {
+            "max_iterations": max_iterations,
+            "max_cost_usd": max_cost_usd,
+            "max_synthetic_rows": max_synthetic_rows,
+            "plateau_iterations": plateau_iterations,
+            "deadline_minutes": deadline_minutes,
+        }.items()
+        if value is not None
+    }
+    raise typer.Exit(_watching(_resume(cli_settings(), migration_id, overrides, reason, watch), migration_id))
 
 
 @app.command()
@@ -254,6 +364,42 @@ def schemas(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("sc
 
     for path in write_schemas(out):
         console.print(str(path))
+
+
+@app.command()
+def report(
+    migration_id: Annotated[str, typer.Argument(metavar="ID")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: reports/<ID>).")] = None,
+    gpu_usd_per_hour: Annotated[
+        float, typer.Option(min=0.0, help="GPU rental price, for the break-even estimate.")
+    ] = 2.0,
+) -> None:
+    """Write an HTML report of a migration (iterations, charts, examples, serving, break-even, lineage)."""
+    import importlib.util
+
+    from rich.markup import escape as escape_markup
+
+    from llamaduo.contract import is_valid_migration_id
+    from llamaduo.report import write_report_files
+    from llamaduo.state import MigrationState
+    from llamaduo.store import open_store
+
+    if not is_valid_migration_id(migration_id):
+        raise _fail(f"{escape_markup(repr(migration_id))} is not a migration id")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise _fail("`llamaduo report` needs matplotlib: pip install 'llamaduo[report]'")
+    settings = cli_settings()
+
+    async def fetch() -> MigrationState | None:
+        async with Client(settings, settings) as client:
+            return await client.status(migration_id)
+
+    state = asyncio.run(fetch())
+    if state is None:
+        raise _fail(f"no migration {migration_id!r}")
+    files = write_report_files(state, open_store(settings), out or Path("reports") / migration_id, gpu_usd_per_hour)
+    for path in files:
+        console.print(str(path), markup=False)
 
 
 @app.command()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from llamaduo.client import MigrationSummary
 from llamaduo.contract import (
     DatasetReady,
     EvaluationCompleted,
@@ -16,6 +18,7 @@ from llamaduo.contract import (
     MigrationFailed,
     MigrationGraduated,
     MigrationRequested,
+    MigrationResume,
     ModelTrained,
     NeedMoreData,
     Progress,
@@ -57,6 +60,9 @@ def describe(event: Event) -> str | None:
             return f"{tag}GRADUATED: {_scores(event.scores)}"
         case MigrationFailed():
             return f"{tag}FAILED: {event.reason} {event.detail}".rstrip()
+        case MigrationResume():
+            budgets = f" with budgets {event.budgets.model_dump(exclude_none=True)}" if event.budgets else ""
+            return f"resume requested{budgets}: {event.reason}"
         case TaskFailed():
             return f"{tag}{event.service} gave up on {event.stage}: {event.reason} {event.detail}".rstrip()
     return None
@@ -78,18 +84,51 @@ def state_table(states: list[MigrationState]) -> Table:
     return table
 
 
-def print_outcome(console: Console, state: MigrationState) -> None:
-    """What a finished migration produced and where it is."""
-    console.print(f"[bold]migration {escape(state.migration_id)}: {state.status}[/bold]")
-    lines: list[str] = []
-    if state.failure_reason:
-        lines.append(f"  reason: {state.failure_reason} {state.failure_detail or ''}")
-    for record in state.iterations:
-        scores = _scores(record.scores) if record.scores else "not evaluated"
-        lines.append(
-            f"  iteration {record.iteration}: {record.train_rows} rows ({record.synthetic_rows} synthetic), "
-            f"{scores}, decision {record.decision or '-'}"
+def format_duration(seconds: float) -> str:
+    """A short human duration: 45s, 3m 05s, 2h 10m, 3d 4h."""
+    total = max(round(seconds), 0)
+    if total < 60:
+        return f"{total}s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h"
+
+
+def _local_time(moment: datetime) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def summary_table(summaries: list[MigrationSummary]) -> Table:
+    """A table of migrations from their summaries (status endpoint or KV)."""
+    table = Table()
+    table.add_column("migration", no_wrap=True)
+    table.add_column("status")
+    table.add_column("iter", justify="right")
+    table.add_column("best scores")
+    table.add_column("spend", justify="right", no_wrap=True)
+    table.add_column("updated", no_wrap=True)
+    for item in sorted(summaries, key=lambda s: s.created_at):
+        best = "  ".join(f"{metric} {mean:.1f}" for metric, mean in (item.best_scores or {}).items()) or "-"
+        status = item.status if not item.failure_reason else f"{item.status} ({item.failure_reason})"
+        table.add_row(
+            escape(item.migration_id),
+            escape(status),
+            str(item.iteration),
+            best,
+            f"${item.spend_usd:.4f}",
+            _local_time(item.updated_at),
         )
+    return table
+
+
+def result_lines(state: MigrationState, with_spend: bool = True) -> list[str]:
+    """Where a migration's best adapter is, how to serve it, and what it cost (plain text, no markup)."""
+    lines: list[str] = []
     best = state.best()
     if best and best.adapter:
         label = "adapter" if state.status == "graduated" else "best adapter so far"
@@ -104,9 +143,26 @@ def print_outcome(console: Console, state: MigrationState) -> None:
             lines.append(
                 f'  then in your app: OpenAI(base_url="http://127.0.0.1:8000/v1") with model="{state.migration_id}"'
             )
-    lines.append(
-        f"  service-LLM spend: ${state.spend.usd:.4f} over {state.spend.calls} calls "
-        f"({state.spend.prompt_tokens + state.spend.completion_tokens} tokens)"
-    )
+    if with_spend:
+        lines.append(
+            f"  service-LLM spend: ${state.spend.usd:.4f} over {state.spend.calls} calls "
+            f"({state.spend.prompt_tokens + state.spend.completion_tokens} tokens)"
+        )
+    return lines
+
+
+def print_outcome(console: Console, state: MigrationState) -> None:
+    """What a finished migration produced and where it is."""
+    console.print(f"[bold]migration {escape(state.migration_id)}: {state.status}[/bold]")
+    lines: list[str] = []
+    if state.failure_reason:
+        lines.append(f"  reason: {state.failure_reason} {state.failure_detail or ''}")
+    for record in state.iterations:
+        scores = _scores(record.scores) if record.scores else "not evaluated"
+        lines.append(
+            f"  iteration {record.iteration}: {record.train_rows} rows ({record.synthetic_rows} synthetic), "
+            f"{scores}, decision {record.decision or '-'}"
+        )
+    lines.extend(result_lines(state))
     for line in lines:
         console.print(line, markup=False)

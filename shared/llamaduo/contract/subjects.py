@@ -6,6 +6,8 @@ from llamaduo.contract.events import Event
 
 PREFIX = "llamaduo.v1"
 DEAD_LETTER_PREFIX = f"{PREFIX}.deadletter"
+STATUS_SUBJECT = f"{PREFIX}.status"
+"""Core NATS request/reply (not an event, not in any stream): the coordinator answers status requests here."""
 
 
 def subject_for(event: type[Event] | Event) -> str:
