@@ -172,7 +172,7 @@ class ContinuousBatcher:
             if self.rows:
                 self._decode()
 
-    def cancel_all(self, reason: BaseException | None = None) -> None:
+    def cancel_all(self) -> None:
         """Drop every running and waiting row without completing it."""
         self.queue.clear()
         self.rows = []
@@ -329,39 +329,42 @@ class ContinuousBatcher:
         return False
 
     def _retire(self, finished: list[int]) -> None:
+        """Take finished rows out of the batch, then hand each its completion (so a callback sees it gone)."""
         assert self._cache is not None and self._mask is not None and self._positions is not None
         assert self._last is not None
         done = set(finished)
         now = time.perf_counter()
+        results: list[tuple[RowRequest, Completion]] = []
         for index in finished:
             row = self.rows[index]
             request = row.request
+            stopped_at = len(row.tokens) if row.cancelled and row.stopped_at is None else row.stopped_at
             completion = finish_completion(
                 self.tokenizer,
                 row.tokens,
                 eos_ids=self.eos_ids,
                 stop=request.stop,
-                stopped_at=row.stopped_at
-                if row.stopped_at is not None
-                else (len(row.tokens) if row.cancelled else None),
+                stopped_at=stopped_at,
                 prompt_tokens=len(request.prompt),
                 latency_s=now - request.submitted,
             )
-            if request.on_done is not None:
-                request.on_done(completion)
+            results.append((request, completion))
         keep = [index for index in range(len(self.rows)) if index not in done]
         self.rows = [self.rows[index] for index in keep]
-        if not keep:
+        if keep:
+            selected = torch.tensor(keep, dtype=torch.long, device=self.device)
+            mask = self._mask.index_select(0, selected)
+            # Columns that are padding for every remaining row carry no information: drop them.
+            leading = int((mask.cumsum(-1) == 0).sum(-1).min().item())
+            _select_rows(self._cache, selected, leading)
+            self._mask = mask[:, leading:]
+            self._positions = self._positions.index_select(0, selected)
+            self._last = self._last.index_select(0, selected)
+        else:
             self._cache = self._mask = self._positions = self._last = None
-            return
-        selected = torch.tensor(keep, dtype=torch.long, device=self.device)
-        mask = self._mask.index_select(0, selected)
-        # Columns that are padding for every remaining row carry no information: drop them.
-        leading = int((mask.cumsum(-1) == 0).sum(-1).min().item())
-        _select_rows(self._cache, selected, leading)
-        self._mask = mask[:, leading:]
-        self._positions = self._positions.index_select(0, selected)
-        self._last = self._last.index_select(0, selected)
+        for request, completion in results:
+            if request.on_done is not None:
+                request.on_done(completion)
 
 
 # Nucleus sampling looks at the most likely tokens first; only when they hold less than top_p is the full vocabulary

@@ -413,6 +413,9 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     served_name: Annotated[str | None, typer.Option(help="Model name clients use for the base model.")] = None,
+    max_batch_size: Annotated[
+        int, typer.Option(min=1, help="Sequences decoded together across concurrent requests (continuous batching).")
+    ] = 16,
 ) -> None:
     """Serve the base model and adapters over an OpenAI-compatible API (/v1/chat/completions)."""
     try:
@@ -429,7 +432,15 @@ def serve(
         adapters = materialise_adapters(adapter or [], local.model_cache / "adapters")
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    run_server(model, host=host, port=port, adapters=adapters, model_cache=local.model_cache, served_name=served_name)
+    run_server(
+        model,
+        host=host,
+        port=port,
+        adapters=adapters,
+        model_cache=local.model_cache,
+        served_name=served_name,
+        max_batch_size=max_batch_size,
+    )
 
 
 def main() -> None:

@@ -16,8 +16,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamaduo_inferencer.serve.engine import (
+    DEFAULT_MAX_BATCH_SIZE,
     ChatEngine,
     ChatRequest,
+    EngineClosedError,
+    GenerationError,
     InvalidRequestError,
     OutputValidationError,
     PreparedRequest,
@@ -110,6 +113,14 @@ def create_app(engine: ChatEngine) -> FastAPI:
     async def on_invalid_output(request: Request, error: OutputValidationError) -> JSONResponse:
         return error_response(500, str(error), "server_error", "response_format", "schema_validation_failed")
 
+    @app.exception_handler(GenerationError)
+    async def on_generation_error(request: Request, error: GenerationError) -> JSONResponse:
+        return error_response(500, str(error), "server_error")
+
+    @app.exception_handler(EngineClosedError)
+    async def on_engine_closed(request: Request, error: EngineClosedError) -> JSONResponse:
+        return error_response(503, str(error), "server_error", code="service_unavailable")
+
     @app.get("/health")
     async def health() -> dict[str, object]:
         return {"status": "ok", "model": engine.base_name, "adapters": list(engine.adapter_names)}
@@ -174,22 +185,25 @@ async def _stream(
     try:
         for index in range(prepared.request.n):
             yield chunk([ChunkChoice(index=index, delta=ChoiceDelta(role="assistant", content=""))])
-        async for item in engine.stream(prepared):
-            if isinstance(item, StreamDelta):
-                if item.text or item.finish_reason:
-                    delta = ChoiceDelta(content=item.text) if item.text else ChoiceDelta()
-                    yield chunk([ChunkChoice(index=item.index, delta=delta, finish_reason=item.finish_reason)])
-            elif isinstance(item, StreamEnd) and include_usage:
-                prompt_tokens = item.completions[0].prompt_tokens
-                completion_tokens = sum(completion.completion_tokens for completion in item.completions)
-                yield chunk(
-                    [],
-                    Usage(
-                        prompt_tokens=prompt_tokens,
-                        completion_tokens=completion_tokens,
-                        total_tokens=prompt_tokens + completion_tokens,
-                    ),
-                )
+        # aclosing: a client that goes away closes this generator, and with it the engine's stream, which cancels
+        # the generation at once rather than whenever the garbage collector gets to it.
+        async with contextlib.aclosing(engine.stream(prepared)) as items:
+            async for item in items:
+                if isinstance(item, StreamDelta):
+                    if item.text or item.finish_reason:
+                        delta = ChoiceDelta(content=item.text) if item.text else ChoiceDelta()
+                        yield chunk([ChunkChoice(index=item.index, delta=delta, finish_reason=item.finish_reason)])
+                elif isinstance(item, StreamEnd) and include_usage:
+                    prompt_tokens = item.completions[0].prompt_tokens
+                    completion_tokens = sum(completion.completion_tokens for completion in item.completions)
+                    yield chunk(
+                        [],
+                        Usage(
+                            prompt_tokens=prompt_tokens,
+                            completion_tokens=completion_tokens,
+                            total_tokens=prompt_tokens + completion_tokens,
+                        ),
+                    )
     except (InvalidRequestError, OutputValidationError) as error:
         error_type = "invalid_request_error" if isinstance(error, InvalidRequestError) else "server_error"
         body = ErrorBody(error=ErrorDetail(message=str(error), type=error_type))
@@ -208,15 +222,24 @@ def run_server(
     adapters: Mapping[str, Path],
     model_cache: Path,
     served_name: str | None = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
 ) -> None:
-    """Load `model` (and its adapters) and serve the OpenAI-compatible API with uvicorn until interrupted."""
+    """Load `model` (and its adapters) and serve the OpenAI-compatible API with uvicorn until interrupted.
+
+    Concurrent requests are batched together, up to `max_batch_size` generated rows per step.
+    """
     import uvicorn
 
     from llamaduo.localmodel import LocalModelSettings
 
     settings = LocalModelSettings()
     engine = ChatEngine.load(
-        model, adapters=adapters, model_cache=model_cache, served_name=served_name, device=settings.device
+        model,
+        adapters=adapters,
+        model_cache=model_cache,
+        served_name=served_name,
+        device=settings.device,
+        max_batch_size=max_batch_size,
     )
     # log_config=None: uvicorn logs through the process's own (JSON) logging instead of its own handlers.
     uvicorn.run(create_app(engine), host=host, port=port, log_level="info", log_config=None)
