@@ -148,6 +148,10 @@ def result_lines(state: MigrationState, with_spend: bool = True) -> list[str]:
             f"  service-LLM spend: ${state.spend.usd:.4f} over {state.spend.calls} calls "
             f"({state.spend.prompt_tokens + state.spend.completion_tokens} tokens)"
         )
+    if state.terminal and state.iterations:
+        lines.append(f"  report: llamaduo report {state.migration_id}  (HTML page, figures, break-even)")
+    if state.status in ("failed", "cancelled") and state.train is not None:
+        lines.append(f"  continue it: llamaduo resume {state.migration_id} [--max-iterations N] [--max-cost-usd X]")
     return lines
 
 
