@@ -107,6 +107,56 @@ async def test_a_migration_graduates_with_an_adapter_that_loads(stack, tiny_mode
     assert len(test_prompts) == 16 and not train_prompts & test_prompts
 
 
+async def test_an_app_switches_to_the_graduated_adapter_by_changing_base_url_and_model(stack, tiny_model_dir, tmp_path):
+    """After the graduation above: the openai client, pointed at `llamaduo serve`, gets the adapter's answers."""
+    import openai
+
+    from llamaduo.cli.adapters import materialise_adapters
+    from llamaduo.localmodel import load_tokenizer
+    from llamaduo_inferencer.generation import generate_chats, load_with_adapter
+    from llamaduo_inferencer.serve.app import create_app
+    from llamaduo_inferencer.serve.engine import ChatEngine
+    from tests.support.live_server import serve_in_thread
+
+    settings = settings_of(stack)
+    async with Client(settings, settings) as client:
+        state = await client.status("e2e-graduates")
+    assert state is not None and state.status == "graduated"
+    adapter = state.best().adapter
+    adapters = materialise_adapters([f"e2e-graduates={adapter.uri}"], tmp_path / "adapters")
+    messages = [{"role": "user", "content": "Write a commit message for: fixed the login button on Safari"}]
+    local = load_with_adapter(tiny_model_dir, adapters["e2e-graduates"], "cpu")
+    expected = generate_chats(
+        local,
+        load_tokenizer(tiny_model_dir),
+        [messages],
+        n=1,
+        temperature=0.0,
+        top_p=1.0,
+        max_new_tokens=12,
+        seed=None,
+        batch_size=1,
+    )[0][0].text
+    engine = ChatEngine.load(str(tiny_model_dir), adapters=adapters, model_cache=tmp_path / "cache", device="cpu")
+
+    def ask() -> tuple[list[str], str, str]:
+        with serve_in_thread(create_app(engine)) as url:
+            app_client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")  # the only two changes an app makes
+            served = [m.id for m in app_client.models.list().data]
+            reply = app_client.chat.completions.create(
+                model="e2e-graduates", messages=messages, temperature=0, max_tokens=12
+            )
+            stream = app_client.chat.completions.create(
+                model="e2e-graduates", messages=messages, temperature=0, max_tokens=12, stream=True
+            )
+            streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+            return served, reply.choices[0].message.content or "", streamed
+
+    served, answer, streamed = await asyncio.to_thread(ask)
+    assert "e2e-graduates" in served
+    assert answer == expected and streamed == expected
+
+
 async def test_a_migration_that_never_clears_the_bar_fails_at_its_iteration_limit(stack, tiny_model_dir, scripted_llm):
     spec = tiny_spec(tiny_model_dir)
     spec = spec.model_copy(update={"evaluation": thresholds(spec, 95)})

@@ -53,6 +53,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from tests.support.live_server import ThreadedServer
+
 FaultKind = Literal["status", "delay", "malformed", "garbage", "refuse_schema", "refuse_logprobs"]
 JudgeScore = int | Callable[[dict[str, Any]], int | tuple[int, int]]
 PairsFactory = Callable[[dict[str, Any], int], list[dict[str, str]]]
@@ -328,8 +330,7 @@ class ScriptedLLM:
         self.port = port
         self.model = model
         self.app = self._build_app()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._live: ThreadedServer | None = None
 
     # ---- knobs (thread-safe; usable while the server runs) ----
 
@@ -440,37 +441,15 @@ class ScriptedLLM:
 
     def start(self) -> ScriptedLLM:
         """Bind a port (a free one when `port` is 0) and serve in a background thread."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=1,
-            timeout_keep_alive=30,
-        )
-        server = uvicorn.Server(config)
-        self._server = server
-        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="scripted")
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the scripted LLM server did not start")
-            time.sleep(0.01)
+        self._live = ThreadedServer(self.app, host=self.host, port=self.port, name="scripted LLM").start()
+        self.port = self._live.port
         return self
 
     def stop(self) -> None:
         """Stop serving and join the thread."""
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = None
-        self._thread = None
+        if self._live is not None:
+            self._live.stop(join_timeout_s=10)
+        self._live = None
 
     def __enter__(self) -> ScriptedLLM:
         return self.start()

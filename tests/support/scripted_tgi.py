@@ -51,17 +51,16 @@ import collections
 import contextlib
 import hashlib
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from tests.support.live_server import ThreadedServer
 from tests.support.scripted_llm import Fault
 
 MAX_STOP_SEQUENCES = 4
@@ -191,8 +190,7 @@ class ScriptedTGI:
             rng=random.Random(seed),
         )
         self.app = self._build_app()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._live: ThreadedServer | None = None
 
     # ---- knobs and statistics (thread-safe; usable while the server runs) ----
 
@@ -279,37 +277,15 @@ class ScriptedTGI:
 
     def start(self) -> ScriptedTGI:
         """Bind a port (a free one when `port` is 0) and serve in a background thread."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=1,
-            timeout_keep_alive=30,
-        )
-        server = uvicorn.Server(config)
-        self._server = server
-        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="scripted-tgi")
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the scripted TGI server did not start")
-            time.sleep(0.01)
+        self._live = ThreadedServer(self.app, host=self.host, port=self.port, name="scripted TGI").start()
+        self.port = self._live.port
         return self
 
     def stop(self) -> None:
         """Stop serving and join the thread."""
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = None
-        self._thread = None
+        if self._live is not None:
+            self._live.stop(join_timeout_s=10)
+        self._live = None
 
     def __enter__(self) -> ScriptedTGI:
         return self.start()

@@ -101,7 +101,7 @@ def test_a_running_migration_shows_its_stage_bar_eta_iterations_and_totals() -> 
     assert "72.3 [68.1, 76.0]" in text and "65.0" in text
     assert "need_more_data" in text and "$0.1200" in text
     row1 = next(line for line in text.splitlines() if "164" in line)
-    assert "64" in row1 and "evaluating" in row1 and "$0.2200" in row1
+    assert "64" in row1 and "in progress" in row1 and "$0.2200" in row1
     assert "totals: 164 training rows (64 synthetic), $0.3400 of $2.50 over 20 service-LLM calls, 3 cached" in text
     assert "1500 tokens" in text
 

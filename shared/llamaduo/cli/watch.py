@@ -72,7 +72,7 @@ def iterations_table(state: MigrationState) -> Table:
 
     def row(record: IterationRecord) -> list[str]:
         scores = record.scores or {}
-        decision: str = record.decision or ("evaluating" if not state.terminal else "-")
+        decision: str = record.decision or ("in progress" if not state.terminal else "-")
         if record.failed_judgments:
             decision = f"{decision} ({record.failed_judgments} judgments failed)"
         return [
