@@ -69,7 +69,7 @@ def test_a_graduated_iteration_links_every_input_by_hash(store: LocalStore) -> N
     assert training.base_model == "bundled:smollm2-135m-instruct"
     assert (training.precision, training.steps, training.train_loss) == ("fp32-lora", 30, LOSSES[2])
     assert training.tokens_per_second == 320.0 and training.rows == 36
-    assert training.training["learning_rate"] == 1e-4 and training.lora["r"] == state.spec.lora.r
+    assert training.training["learning_rate"] == 1e-4 and training.lora["r"] == state.spec.lora.r  # None: by model size
     assert [(p.step, p.loss) for p in training.loss_history] == [(5, LOSSES[2] + 0.5), (10, LOSSES[2])]
 
     inference = lineage.inference

@@ -63,3 +63,13 @@ def test_the_deadline_fails_a_decision_taken_after_it_but_never_a_graduation() -
         "need_more_data"
     )
     assert decide(s, 0, scores(95, 1), Spend(), 0, started=started, now=late).action == "graduated"
+
+
+def test_lora_shape_defaults_follow_the_papers_runs_by_model_size() -> None:
+    from llamaduo.contract.spec import LoraSpec, lora_shape
+
+    assert lora_shape(LoraSpec(), 135_000_000) == (8, 16)
+    assert lora_shape(LoraSpec(), 2_000_000_000) == (8, 16)
+    assert lora_shape(LoraSpec(), 8_000_000_000) == (32, 64)
+    assert lora_shape(LoraSpec(r=16), 8_000_000_000) == (16, 32)
+    assert lora_shape(LoraSpec(r=4, alpha=4), 1) == (4, 4)

@@ -43,7 +43,7 @@ from transformers import (
 from trl.trainer.sft_config import SFTConfig
 from trl.trainer.sft_trainer import SFTTrainer
 
-from llamaduo.contract.spec import LoraSpec, TrainingSpec
+from llamaduo.contract.spec import LoraSpec, TrainingSpec, lora_shape
 from llamaduo.data.rows import ChatRow, validate_turns
 from llamaduo.localmodel import load_causal_lm, load_tokenizer, nf4_config, pick_device
 
@@ -287,9 +287,12 @@ def build_sft_trainer(
     # The KV cache is useless while training and conflicts with activation checkpointing.
     model.config.use_cache = False
     targets = list(lora.target_modules)
+    # A 4-bit model stores two weights per byte: numel() undercounts it by half.
+    parameters = sum(p.numel() for p in model.parameters()) * (2 if precision in _QUANTIZED else 1)
+    rank, alpha = lora_shape(lora, parameters)
     peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
+        r=rank,
+        lora_alpha=alpha,
         lora_dropout=lora.dropout,
         target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets,
         bias="none",

@@ -50,10 +50,25 @@ class BaseModelSpec(_Section):
 class LoraSpec(_Section):
     """LoRA adapter shape."""
 
-    r: int = Field(default=8, ge=1, le=1024)
-    alpha: int = Field(default=16, ge=1)
+    r: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="LoRA rank; default by model size, as in the paper's runs: 8 up to ~4B parameters, 32 above.",
+    )
+    alpha: int | None = Field(default=None, ge=1, description="LoRA alpha; default 2 x r.")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+LARGE_MODEL_PARAMETERS = 4_000_000_000
+"""Above this many parameters the paper's 7-8B settings (r/alpha 32/64) apply; below, its ~2B ones (8/16)."""
+
+
+def lora_shape(lora: LoraSpec, parameters: int) -> tuple[int, int]:
+    """The (r, alpha) to train with: the spec's, else the paper's for a model of `parameters` parameters."""
+    r = lora.r if lora.r is not None else (32 if parameters > LARGE_MODEL_PARAMETERS else 8)
+    return r, lora.alpha if lora.alpha is not None else 2 * r
 
 
 class TrainingSpec(_Section):
@@ -71,6 +86,50 @@ class TrainingSpec(_Section):
     )
     seed: int = 0
     max_steps: int | None = Field(default=None, ge=1, description="Cap on optimizer steps (overrides epochs).")
+    validation_fraction: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=0.5,
+        description="Share of the training rows held out for validation loss (never the test split); 0 turns "
+        "validation, early stopping and best-checkpoint selection off.",
+    )
+    eval_steps: int | None = Field(
+        default=None, ge=1, description="Optimizer steps between validation passes; default: about 10 per run."
+    )
+    early_stopping_patience: int | None = Field(
+        default=3,
+        ge=1,
+        description="Stop after this many validation passes without a lower loss; the best checkpoint is kept.",
+    )
+    packing: bool = Field(
+        default=True, description="Pack rows into full sequences (padding-free): the main throughput lever."
+    )
+    gradient_checkpointing: bool | None = Field(
+        default=None, description="Recompute activations to save memory; default: on for CUDA, off on CPU."
+    )
+    optimizer: Literal["adamw_torch", "paged_adamw_8bit"] = Field(
+        default="adamw_torch", description="paged_adamw_8bit (bitsandbytes, CUDA) saves optimizer memory."
+    )
+    init_from: Literal["base", "previous_adapter"] = Field(
+        default="base",
+        description="base: each iteration trains from the base model on the grown dataset (the paper); "
+        "previous_adapter: continue from the last iteration's adapter.",
+    )
+    checkpoint_steps: int = Field(
+        default=50,
+        ge=0,
+        description="Every this many optimizer steps a checkpoint goes to the artifact store, and a redelivered "
+        "task resumes from the last one; 0 turns it off.",
+    )
+    export_merged: bool = Field(
+        default=False, description="Also store the base with the adapter merged in (full safetensors)."
+    )
+    num_processes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Data-parallel processes (GPUs) through `accelerate launch`; default: the trainer's "
+        "LLAMADUO_TRAINER_NUM_PROCESSES, else 1.",
+    )
 
 
 class ServiceLLMSpec(_Section):
