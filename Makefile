@@ -8,7 +8,7 @@ PACKAGES := -e 'shared[embedded,local-model,report]' -e services/coordinator -e 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint schemas up down bench bench-judge bench-synth bench-infer gpu-check clean
+.PHONY: install demo test test-fast lint schemas up down bench bench-judge bench-synth bench-infer bench-train gpu-check clean
 
 $(STAMP): shared/pyproject.toml services/*/pyproject.toml requirements-dev.txt constraints.txt
 	python3 -m venv $(VENV)
@@ -64,9 +64,15 @@ bench-infer: install
 	$(PY) -m tests.bench.infer_throughput
 	$(PY) -m tests.bench.serve_throughput
 
-# On a CUDA machine: a random-init TinyLlama-shaped model, our generation path vs the reference way.
+# LoRA fine-tuning of the bundled SmolLM2 on this CPU: our trainer path vs plain trl SFTTrainer, same rows and
+# recipe; real tokens/s of both, the ratio and both validation losses on the same held-out rows (~5 minutes).
+bench-train: install
+	$(PY) -m tests.bench.train_throughput
+
+# On a CUDA machine: a random-init TinyLlama-shaped model, our generation path and our QLoRA training path vs the
+# reference ways (both halves; `--half inference|training` for one).
 gpu-check: install
-	$(PY) -m tests.bench.gpu_check
+	$(PY) -m tests.bench.gpu_check --half both
 
 clean:
 	rm -rf .llamaduo .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,7 @@
-"""LoRA fine-tuning (`llamaduo_trainer.finetune`) on the tiny random model, plus one slow run on SmolLM2."""
+"""LoRA fine-tuning (`llamaduo_trainer.finetune`) on the tiny random model, plus one slow run on SmolLM2.
+
+Validation, packing, checkpoints and failures have their own modules: tests/unit/test_training_*.py.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,12 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import datasets
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
@@ -23,6 +26,7 @@ from llamaduo.localmodel import load_causal_lm
 from llamaduo_trainer.finetune import (
     ADAPTER_FILES,
     CUDA_EXTRA,
+    TrainingError,
     TrainResult,
     build_sft_trainer,
     chat_examples,
@@ -33,6 +37,8 @@ from llamaduo_trainer.finetune import (
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "commit-message" / "coverage.jsonl"
 FAST = TrainingSpec(max_steps=3, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant")
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +81,26 @@ def test_training_reports_finite_loss_and_tokens(trained: Trained) -> None:
     assert result.tokens > 0 and result.tokens_per_second > 0 and result.seconds > 0
     losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert [step for step, _ in result.loss_history] == [1, 2, 3]
+    assert [loss for _, loss in result.loss_history] == losses
+
+
+def test_training_holds_out_validation_rows_and_keeps_the_best_adapter(trained: Trained) -> None:
+    result = trained.result
+    # 8 rows, validation_fraction 0.1: one row held out, evaluated every step (a tenth of 3 steps, at least 1).
+    assert (result.train_rows, result.validation_rows) == (7, 1)
+    assert [step for step, _ in result.eval_history] == [1, 2, 3]
+    best_step, best_loss = min(result.eval_history, key=lambda entry: entry[1])
+    assert (result.best_step, result.eval_loss) == (best_step, best_loss)
+    assert not result.stopped_early
+
+
+def test_result_records_memory_versions_and_packing(trained: Trained) -> None:
+    result = trained.result
+    assert result.packing is True
+    assert result.peak_memory_bytes > 50 * 2**20  # a process that loaded torch and a model
+    assert {"torch", "transformers", "peft", "trl", "accelerate"} <= set(result.library_versions)
+    assert result.library_versions["torch"] == torch.__version__
 
 
 def test_lora_weights_moved_away_from_their_init(trained: Trained) -> None:
@@ -126,7 +152,8 @@ def test_an_exception_from_on_step_aborts_and_saves_nothing(
     assert not out_dir.exists()
 
 
-def test_only_answer_tokens_carry_loss(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("packing", [True, False], ids=["padding-free", "padded"])
+def test_only_answer_tokens_carry_loss(tiny_model_dir: Path, tmp_path: Path, packing: bool) -> None:
     rows = [
         _row(("user", "Describe: added a flag"), ("assistant", "feat: add flag")),
         _row(
@@ -137,17 +164,26 @@ def test_only_answer_tokens_carry_loss(tiny_model_dir: Path, tmp_path: Path) -> 
             ("assistant", "fix: login crash"),
         ),
     ]
-    trainer, _ = build_sft_trainer(tiny_model_dir, rows, tmp_path, lora=LoraSpec(), training=FAST, device="cpu")
+    training = FAST.model_copy(update={"packing": packing})
+    trainer, _ = build_sft_trainer(tiny_model_dir, rows, tmp_path, lora=LoraSpec(), training=training, device="cpu")
     tokenizer = cast(PreTrainedTokenizerBase, trainer.processing_class)
     dataset = cast(datasets.Dataset, trainer.train_dataset)
     batch = trainer.data_collator([dataset[index] for index in range(len(rows))])
+    if packing:
+        # One padding-free sequence: the rows end to end, positions restarting at 0 for each, no padding at all.
+        assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+        assert starts == batch["cu_seq_lens_q"][:-1].tolist()
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        sequences = list(zip(ids.tensor_split(starts[1:]), labels.tensor_split(starts[1:]), strict=True))
+    else:
+        sequences = list(zip(batch["input_ids"], batch["labels"], strict=True))
 
     def text(ids: torch.Tensor) -> str:
         return str(tokenizer.decode(ids.tolist()))
 
-    for index, row in enumerate(rows):
-        labels = batch["labels"][index]
-        input_ids = batch["input_ids"][index]
+    assert len(sequences) == len(rows)
+    for (input_ids, labels), row in zip(sequences, rows, strict=True):
         trained_ids = input_ids[labels != -100]
         # The loss covers the final answer and the end-of-turn that teaches the model to stop; nothing else: not the
         # system prompt, not the user turns, not the earlier assistant turn, not the padding.
@@ -176,8 +212,9 @@ def _build(
 
 
 def test_no_rows_is_rejected(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no training rows"):
+    with pytest.raises(TrainingError, match="no training rows") as caught:
         _build(tiny_model_dir, tmp_path, [])
+    assert caught.value.reason == "no_trainable_tokens"
 
 
 def test_a_row_without_an_answer_is_rejected(tiny_model_dir: Path, tmp_path: Path, rows: list[ChatRow]) -> None:
@@ -192,8 +229,9 @@ def test_a_row_without_an_answer_is_rejected(tiny_model_dir: Path, tmp_path: Pat
 def test_an_unknown_target_module_lists_the_linear_modules(
     tiny_model_dir: Path, tmp_path: Path, rows: list[ChatRow]
 ) -> None:
-    with pytest.raises(ValueError, match=r"\['qkv'\] match no Linear layer") as caught:
+    with pytest.raises(TrainingError, match=r"\['qkv'\] match no Linear layer") as caught:
         _build(tiny_model_dir, tmp_path, rows, lora=LoraSpec(target_modules=["q_proj", "qkv"]))
+    assert caught.value.reason == "invalid_training_config"
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         assert name in str(caught.value)
     assert {"q_proj", "down_proj", "lm_head"} <= set(linear_module_names(tiny_model_dir))
@@ -201,8 +239,11 @@ def test_an_unknown_target_module_lists_the_linear_modules(
 
 def test_prompts_that_fill_max_length_are_rejected(tiny_model_dir: Path, tmp_path: Path) -> None:
     long_prompt = _row(("user", "word " * 200), ("assistant", "ok"))
-    with pytest.raises(ValueError, match=r"fills training.max_length=64 tokens.*raise training.max_length"):
+    with pytest.raises(
+        TrainingError, match=r"fills training.max_length=64 tokens.*raise training.max_length"
+    ) as caught:
         _build(tiny_model_dir, tmp_path, [long_prompt], max_length=64)
+    assert caught.value.reason == "no_trainable_tokens"
 
 
 def test_cut_answers_and_dropped_rows_are_logged(
@@ -220,8 +261,9 @@ def test_cut_answers_and_dropped_rows_are_logged(
 
 
 def test_an_unknown_scheduler_is_rejected(tiny_model_dir: Path, tmp_path: Path, rows: list[ChatRow]) -> None:
-    with pytest.raises(ValueError, match=r"unknown training.lr_scheduler 'sawtooth'; known: .*cosine"):
+    with pytest.raises(TrainingError, match=r"unknown training.lr_scheduler 'sawtooth'; known: .*cosine") as caught:
         _build(tiny_model_dir, tmp_path, rows, lr_scheduler="sawtooth")
+    assert caught.value.reason == "invalid_training_config"
 
 
 def test_4bit_without_bitsandbytes_names_the_extra(
@@ -267,28 +309,49 @@ def test_cpu_4bit_trains_and_loads(tiny_model_dir: Path, rows: list[ChatRow], tm
 
 
 def test_cpu_4bit_gradients_survive_an_eval_forward(tiny_model_dir: Path, rows: list[ChatRow], tmp_path: Path) -> None:
-    pytest.importorskip("bitsandbytes")
-    training = FAST.model_copy(update={"quantization": "4bit"})
-    lora = LoraSpec(dropout=0.0)  # two backward passes must see the same function
+    bnb = pytest.importorskip("bitsandbytes")
+    training = FAST.model_copy(update={"quantization": "4bit", "packing": False})
+    lora = LoraSpec(dropout=0.0)  # every backward pass must see the same function
     trainer, _ = build_sft_trainer(tiny_model_dir, rows[:4], tmp_path, lora=lora, training=training, device="cpu")
     model = cast(torch.nn.Module, trainer.model)
     dataset = cast(datasets.Dataset, trainer.train_dataset)
     batch = trainer.data_collator([dataset[index] for index in range(4)])
 
-    def lora_b_grads() -> dict[str, torch.Tensor]:
-        model.zero_grad()
-        model.train()
-        model(**batch).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_B" in n and p.grad is not None}
+    # The fp32 reference: the same model with every 4-bit Linear replaced by its dequantised weights, and the same
+    # LoRA weights. Its gradients are what the 4-bit model's must be.
+    reference = load_causal_lm(tiny_model_dir, "cpu", torch.float32)
+    reference_modules = dict(reference.named_modules())
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(quantized) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    for name, module in quantized.items():
+        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        target = reference_modules[name.removeprefix("base_model.model.").removesuffix(".base_layer")]
+        target.weight.data = weight.to(torch.float32).reshape(target.weight.shape)
+    peft_config = cast(LoraConfig, cast(PeftModel, model).peft_config["default"])
+    reference_lora = get_peft_model(reference, LoraConfig(**{**cast(Any, peft_config).to_dict(), "lora_dropout": 0.0}))
+    reference_params = dict(reference_lora.named_parameters())
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            reference_params[name].data.copy_(param.data)
 
-    before = lora_b_grads()
+    def lora_b_grads(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+        net.zero_grad()
+        net.train()
+        net(**batch, use_cache=False).loss.backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters() if "lora_B" in n and p.grad is not None}
+
+    expected = lora_b_grads(reference_lora)
+    before = lora_b_grads(model)
     model.eval()
     with torch.no_grad():
-        model(**batch)  # what generate/evaluate do; on AVX512-BF16 CPUs it used to repack the 4-bit weights
-    after = lora_b_grads()
-    assert before and before.keys() == after.keys()
-    assert all(before[name].abs().sum() > 0 for name in before)
-    assert all(torch.allclose(before[name], after[name], rtol=1e-4, atol=1e-6) for name in before)
+        model(**batch, use_cache=False)  # what generate/evaluate do; on AVX512-BF16 CPUs it used to repack the weights
+    after = lora_b_grads(model)
+    assert expected and expected.keys() == before.keys() == after.keys()
+    for name, grad in expected.items():
+        assert grad.abs().sum() > 0, name
+        # 4-bit matmuls on the CPU dequantise and multiply in fp32: the same function up to rounding.
+        assert torch.allclose(before[name], grad, rtol=1e-3, atol=1e-6), name
+        assert torch.allclose(after[name], grad, rtol=1e-3, atol=1e-6), name
 
 
 @pytest.mark.slow
@@ -302,6 +365,7 @@ def test_smollm2_loss_decreases(smollm2_dir: Path, rows: list[ChatRow], tmp_path
         learning_rate=1e-3,
         warmup_ratio=0.0,
         lr_scheduler="constant",
+        validation_fraction=0.0,
     )
     result = train_adapter(
         smollm2_dir,
