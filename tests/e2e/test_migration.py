@@ -48,7 +48,10 @@ def tiny_spec(tiny_model_dir: Path, **overrides):
     spec = load_spec(EXAMPLE)
     update = {
         "base_model": spec.base_model.model_copy(update={"id": str(tiny_model_dir)}),
-        "training": spec.training.model_copy(update={"epochs": 1, "max_steps": 3, "batch_size": 8}),
+        # A high learning rate: three steps must visibly change a random model's answers.
+        "training": spec.training.model_copy(
+            update={"epochs": 1, "max_steps": 3, "batch_size": 8, "learning_rate": 5e-2, "validation_fraction": 0.1}
+        ),
         "inference": spec.inference.model_copy(update={"responses_per_prompt": 2, "max_new_tokens": 8}),
         "synthesis": spec.synthesis.model_copy(update={"first_round_rows": 6}),
     }
@@ -155,6 +158,64 @@ async def test_an_app_switches_to_the_graduated_adapter_by_changing_base_url_and
     served, answer, streamed = await asyncio.to_thread(ask)
     assert "e2e-graduates" in served
     assert answer == expected and streamed == expected
+
+
+async def test_the_graduated_adapter_loads_with_plain_peft_in_a_fresh_process_and_changes_answers(
+    stack, tiny_model_dir
+):
+    """After the graduation above: nothing of llamaduo is needed to use the adapter."""
+    import subprocess
+    import sys
+
+    settings = settings_of(stack)
+    async with Client(settings, settings) as client:
+        state = await client.status("e2e-graduates")
+    assert state is not None and state.best() is not None
+    archive = path_from_file_uri(state.best().adapter.uri)
+    script = """
+import json, sys, tarfile, tempfile
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base_dir, archive = sys.argv[1], sys.argv[2]
+folder = tempfile.mkdtemp()
+tarfile.open(archive).extractall(folder, filter="data")
+tokenizer = AutoTokenizer.from_pretrained(folder)
+prompts = ["Write a commit message for: fixed the login button", "Summarize: added a retry to the uploader"]
+def answers(model):
+    out = []
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        torch.manual_seed(0)  # the same draws for both models: only the adapter differs
+        with torch.inference_mode():
+            gen = model.generate(**ids, max_new_tokens=8, do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
+        out.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:]))
+    return out
+def logits(model):
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompts[0]}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        return model(**ids).logits[0, -1]
+base = AutoModelForCausalLM.from_pretrained(base_dir)
+plain, plain_logits = answers(base), logits(base)
+tuned_model = PeftModel.from_pretrained(base, folder)
+tuned, tuned_logits = answers(tuned_model), logits(tuned_model)
+shift = float((tuned_logits - plain_logits).abs().max())
+print(json.dumps({"plain": plain, "tuned": tuned, "shift": shift}))
+"""
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script, str(tiny_model_dir), str(archive)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    # A random tiny model answers almost the same text whatever it is asked, so "changes the answers" is measured
+    # where it shows: the next-token distribution of the adapted model differs from the base model's.
+    assert answers["shift"] > 1e-3, answers
 
 
 async def test_a_migration_that_never_clears_the_bar_fails_at_its_iteration_limit(stack, tiny_model_dir, scripted_llm):
