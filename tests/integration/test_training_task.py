@@ -40,11 +40,13 @@ class Context:
     def __init__(self, stop_at_step: int | None = None) -> None:
         self.log = get_logger("tests.training_task")
         self.steps: list[int] = []
+        self.messages: list[str] = []
         self.stop_at_step = stop_at_step
 
     def progress_reporter(self, stage: str, min_interval_s: float = 1.0) -> Callable[[int, int | None], None]:
-        def report(done: int, total: int | None) -> None:
+        def report(done: int, total: int | None, message: str = "") -> None:
             self.steps.append(done)
+            self.messages.append(message)
             if self.stop_at_step is not None and done >= self.stop_at_step:
                 raise Interrupted(f"killed at step {done}")
 
@@ -107,8 +109,12 @@ async def test_the_adapter_carries_a_manifest_and_a_redelivery_only_reemits(
     store: LocalStore, settings: TrainerSettings, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     event = dataset_event(store, tiny_model_dir)
-    (trained,) = await TrainingTask(settings, store)(event, ctx(Context()))
+    context = Context()
+    (trained,) = await TrainingTask(settings, store)(event, ctx(context))
     assert isinstance(trained, ModelTrained) and trained.steps == 6
+    # Progress carries the step loss, real tokens per second and the ETA.
+    last = context.messages[-1]
+    assert last.startswith("loss ") and "tokens/s" in last and "ETA 0s" in last, context.messages
     unpacked = adapter_dir(store, trained, tmp_path)
     assert {"adapter_config.json", "adapter_model.safetensors", "adapter_manifest.json"} <= {
         p.name for p in unpacked.iterdir()

@@ -78,3 +78,16 @@ def test_merged_model_loads_plainly_and_computes_base_plus_adapter(tiny_model_di
 def test_merging_something_that_is_no_adapter_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="holds no PEFT adapter"):
         merge_adapter(tiny_model_dir, tmp_path, tmp_path / "merged")
+
+
+def test_the_training_meter_reports_loss_tokens_per_second_and_eta() -> None:
+    from llamaduo_trainer.task import TrainingMeter
+
+    meter = TrainingMeter()
+    meter.tokens(100)
+    assert meter.message(1, 11, 2.5, now=10.0) == "loss 2.500"
+    meter.tokens(600)
+    # 5 steps and 500 real tokens in 10 s: 50 tokens/s, 2 s a step, 5 steps left.
+    assert meter.message(6, 11, 2.25, now=20.0) == "loss 2.250, 50 tokens/s, ETA 10s"
+    meter.tokens(1100)
+    assert meter.message(11, 11, None, now=30.0) == "50 tokens/s, ETA 0s"

@@ -31,8 +31,9 @@ class ProgressCallback(TrainerCallback):
     caller that stops the run from `on_step` never loses that step's checkpoint.
     """
 
-    def __init__(self, on_step: StepCallback) -> None:
+    def __init__(self, on_step: StepCallback, on_tokens: Callable[[int], None] | None = None) -> None:
         self._on_step = on_step
+        self._on_tokens = on_tokens
         self._reported = 0
         self._pending: tuple[int, int, float | None] | None = None
 
@@ -50,6 +51,9 @@ class ProgressCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """Report a logged step with its loss; the end-of-training summary log has no `loss` and is skipped."""
+        if logs is not None and "num_tokens" in logs and self._on_tokens is not None:
+            # trl's running count of real (non-padding) tokens trained on, before the step it belongs to is reported.
+            self._on_tokens(int(logs["num_tokens"]))
         if logs is not None and "loss" in logs:
             self._report_after_save(state, control, float(logs["loss"]))
 

@@ -18,7 +18,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -228,6 +228,7 @@ def build_sft_trainer(
     training: TrainingSpec,
     device: str = "auto",
     on_step: StepCallback | None = None,
+    on_tokens: Callable[[int], None] | None = None,
     save_checkpoints: bool = False,
     on_checkpoint: CheckpointCallback | None = None,
     init_adapter: Path | None = None,
@@ -310,7 +311,7 @@ def build_sft_trainer(
     if save_steps is not None:
         callbacks.append(Checkpoints(save_steps, on_checkpoint, best))
     if on_step is not None:
-        callbacks.append(ProgressCallback(on_step))
+        callbacks.append(ProgressCallback(on_step, on_tokens))
     with datasets_progress_off():
         trainer = LlamaDuoSFTTrainer(
             model=trainable,
@@ -350,6 +351,7 @@ def train_adapter(
     training: TrainingSpec,
     device: str = "auto",
     on_step: StepCallback | None = None,
+    on_tokens: Callable[[int], None] | None = None,
     checkpoint_dir: Path | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     resume_from: Path | None = None,
@@ -380,6 +382,7 @@ def train_adapter(
             training=training,
             device=device,
             on_step=on_step,
+            on_tokens=on_tokens,
             save_checkpoints=checkpoint_dir is not None,
             on_checkpoint=on_checkpoint,
             init_adapter=init_adapter,

@@ -48,6 +48,35 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+class TrainingMeter:
+    """Turns step reports into the progress line people read: step loss, real tokens per second and the ETA."""
+
+    def __init__(self) -> None:
+        self._started: float | None = None
+        self._first_step = 0
+        self._first_tokens = 0
+        self._tokens = 0
+
+    def tokens(self, count: int) -> None:
+        """trl's running count of real tokens trained on."""
+        self._tokens = count
+
+    def message(self, step: int, total: int, loss: float | None, now: float | None = None) -> str:
+        """`loss 2.412, 312 tokens/s, ETA 41s` (what is known so far)."""
+        now = time.monotonic() if now is None else now
+        if self._started is None:
+            # Rates are measured from the first reported step (a resumed run starts past step 0).
+            self._started, self._first_step, self._first_tokens = now, step, self._tokens
+            return f"loss {loss:.3f}" if loss is not None else ""
+        elapsed = now - self._started
+        parts = [f"loss {loss:.3f}"] if loss is not None else []
+        if elapsed > 0 and self._tokens > self._first_tokens:
+            parts.append(f"{(self._tokens - self._first_tokens) / elapsed:.0f} tokens/s")
+        if elapsed > 0 and step > self._first_step:
+            parts.append(f"ETA {elapsed / (step - self._first_step) * max(total - step, 0):.0f}s")
+        return ", ".join(parts)
+
+
 class TrainingTask:
     """Fine-tunes an adapter for an iteration (resuming from its checkpoint), or re-emits the one already stored."""
 
@@ -67,13 +96,14 @@ class TrainingTask:
             ctx.log.info("adapter already trained; re-emitting")
             return [self._trained(event, adapter, done)]
         report = ctx.progress_reporter("training")
+        meter = TrainingMeter()
 
         def on_step(step: int, total: int, loss: float | None) -> None:
-            report(step, total)
+            report(step, total, meter.message(step, total, loss))
 
         await ctx.progress("training", 0, None, "loading data and model")
         try:
-            trained, summary = await asyncio.to_thread(self._train, event, outputs, on_step, ctx)
+            trained, summary = await asyncio.to_thread(self._train, event, outputs, on_step, meter.tokens, ctx)
         except TrainingError as exc:
             raise TaskError(exc.reason, str(exc)) from exc
         return [self._trained(event, trained, summary)]
@@ -81,7 +111,12 @@ class TrainingTask:
     # -- the run ---------------------------------------------------------------------------------------------------
 
     def _train(
-        self, event: DatasetReady, outputs: StageOutputs, on_step: StepCallback, ctx: TaskContext
+        self,
+        event: DatasetReady,
+        outputs: StageOutputs,
+        on_step: StepCallback,
+        on_tokens: Callable[[int], None],
+        ctx: TaskContext,
     ) -> tuple[ArtifactRef, dict[str, Any]]:
         manifest = read_manifest(self.store, event.dataset)
         rows = read_training_rows(self.store, manifest)
@@ -132,6 +167,7 @@ class TrainingTask:
                     training=training,
                     device=self.settings.device,
                     on_step=on_step,
+                    on_tokens=on_tokens,
                     checkpoint_dir=work / "checkpoints",
                     on_checkpoint=checkpoints.save if training.checkpoint_steps > 0 else None,
                     resume_from=resume_from,

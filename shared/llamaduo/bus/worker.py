@@ -94,17 +94,18 @@ class TaskContext:
         spent = found[0].spend.usd if found is not None else 0.0
         return SpendCap.for_migration(max_cost_usd, spent)
 
-    def progress_reporter(self, stage: str, min_interval_s: float = 1.0) -> Callable[[int, int | None], None]:
-        """A callback for worker threads that sends progress at most every `min_interval_s` (and at the end)."""
+    def progress_reporter(self, stage: str, min_interval_s: float = 1.0) -> Callable[..., None]:
+        """A callback `report(done, total, message="")` for worker threads that sends progress at most every
+        `min_interval_s` (and at the end)."""
         loop = asyncio.get_running_loop()
         last = [0.0]
 
-        def report(done: int, total: int | None) -> None:
+        def report(done: int, total: int | None, message: str = "") -> None:
             now = loop.time()
             if now - last[0] < min_interval_s and done != total:
                 return
             last[0] = now
-            asyncio.run_coroutine_threadsafe(self.progress(stage, done, total), loop)
+            asyncio.run_coroutine_threadsafe(self.progress(stage, done, total, message), loop)
 
         return report
 
