@@ -43,22 +43,10 @@ from llamaduo.localmodel import LocalModelSettings, load_causal_lm, load_tokeniz
 from llamaduo_trainer.examples import chat_examples, datasets_progress_off, tokenize_examples
 from llamaduo_trainer.finetune import build_sft_trainer, train_adapter
 from llamaduo_trainer.sft import LlamaDuoSFTTrainer
+from tests.bench.infer_throughput import DIFF_LINES, EXAMPLE
 
 MODEL = "bundled:smollm2-135m-instruct"
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "commit-message" / "coverage.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-DIFF_LINES = [
-    "-    retries = 3",
-    "+    retries = settings.max_retries",
-    "     def connect(self, host: str, port: int) -> None:",
-    "+        log.info('connecting to %s:%d', host, port)",
-    "-        self.sock = socket.create_connection((host, port))",
-    "+        self.sock = socket.create_connection((host, port), timeout=self.timeout)",
-    "@@ -41,7 +41,9 @@ class Client:",
-    "+    cache_ttl_s: float = 300.0",
-    "-# TODO: handle the empty case",
-    "+    if not rows:\n+        return []",
-]
 BODY_LINES = [
     "- read the retry count from settings",
     "- log the host and port before connecting",

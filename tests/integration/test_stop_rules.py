@@ -4,6 +4,7 @@ and resume (a cancelled migration restarts its stage; a plateau-failed one is de
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from datetime import UTC, datetime
@@ -92,6 +93,14 @@ async def everything(client: Client, migration_id: str, since: datetime, quiet_s
     return out
 
 
+async def until_status(client: Client, migration_id: str, status: str, timeout_s: float = 20.0) -> None:
+    """Wait until the coordinator has recorded `status` (a resume sent before that would be ignored)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while (state := await client.status(migration_id)) is None or state.status != status:
+        assert asyncio.get_running_loop().time() < deadline, f"{migration_id} never became {status}"
+        await asyncio.sleep(0.1)
+
+
 async def start(client: Client, spec, migration_id: str) -> DatasetReady:
     since = datetime.now(UTC)
     await client.submit(spec, migration_id)
@@ -168,7 +177,7 @@ async def test_resume_restarts_a_cancelled_stage_and_redecides_a_failed_one_with
         # Cancelled while iteration 0 trains: resume publishes its dataset.ready again, under a new id.
         ready = await start(client, spec, "resume-cancel")
         await client.cancel("resume-cancel", "pausing")
-        await events_until_quiet(client, "resume-cancel", datetime.now(UTC), 1)
+        await until_status(client, "resume-cancel", "cancelled")
         since = datetime.now(UTC)
         await publisher.publish(MigrationResume(migration_id="resume-cancel", request_id=uuid.uuid4().hex))
         events = await everything(client, "resume-cancel", since)

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 
 class ThreadedServer:
@@ -76,6 +76,34 @@ class ThreadedServer:
         if self._socket is not None:
             self._socket.close()
         self._server = self._thread = self._socket = None
+
+
+class ServedInThread:
+    """Start/stop/`with` for a scripted server class that has `app`, `host`, `port` and `server_name`."""
+
+    app: Any
+    host: str
+    port: int
+    server_name: str = "scripted server"
+    _live: ThreadedServer | None = None
+
+    def start(self) -> Self:
+        """Bind a port (a free one when `port` is 0) and serve in a background thread."""
+        self._live = ThreadedServer(self.app, host=self.host, port=self.port, name=self.server_name).start()
+        self.port = self._live.port
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and join the thread."""
+        if self._live is not None:
+            self._live.stop(join_timeout_s=10)
+        self._live = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 @contextlib.contextmanager

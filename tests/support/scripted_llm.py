@@ -53,7 +53,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from tests.support.live_server import ThreadedServer
+from tests.support.live_server import ServedInThread
 
 FaultKind = Literal["status", "delay", "malformed", "garbage", "refuse_schema", "refuse_logprobs"]
 JudgeScore = int | Callable[[dict[str, Any]], int | tuple[int, int]]
@@ -292,8 +292,10 @@ def token_logprobs(content: str, top_logprobs: int, *, judgment: bool) -> list[d
     return entries
 
 
-class ScriptedLLM:
+class ScriptedLLM(ServedInThread):
     """A scripted OpenAI-compatible server on 127.0.0.1, run in a background thread (a context manager)."""
+
+    server_name = "scripted LLM"
 
     def __init__(
         self,
@@ -330,7 +332,6 @@ class ScriptedLLM:
         self.port = port
         self.model = model
         self.app = self._build_app()
-        self._live: ThreadedServer | None = None
 
     # ---- knobs (thread-safe; usable while the server runs) ----
 
@@ -438,24 +439,6 @@ class ScriptedLLM:
         return "\n".join(_prompt_text(body) for body in self.requests)
 
     # ---- lifecycle ----
-
-    def start(self) -> ScriptedLLM:
-        """Bind a port (a free one when `port` is 0) and serve in a background thread."""
-        self._live = ThreadedServer(self.app, host=self.host, port=self.port, name="scripted LLM").start()
-        self.port = self._live.port
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and join the thread."""
-        if self._live is not None:
-            self._live.stop(join_timeout_s=10)
-        self._live = None
-
-    def __enter__(self) -> ScriptedLLM:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ---- the HTTP app ----
 

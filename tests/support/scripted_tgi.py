@@ -60,7 +60,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from tests.support.live_server import ThreadedServer
+from tests.support.live_server import ServedInThread
 from tests.support.scripted_llm import Fault
 
 MAX_STOP_SEQUENCES = 4
@@ -146,8 +146,10 @@ class _State:
     max_in_flight: int = 0
 
 
-class ScriptedTGI:
+class ScriptedTGI(ServedInThread):
     """A TGI- and OpenAI-compatible server on loopback with canned, deterministic answers and scripted faults."""
+
+    server_name = "scripted TGI"
 
     def __init__(
         self,
@@ -190,7 +192,6 @@ class ScriptedTGI:
             rng=random.Random(seed),
         )
         self.app = self._build_app()
-        self._live: ThreadedServer | None = None
 
     # ---- knobs and statistics (thread-safe; usable while the server runs) ----
 
@@ -274,24 +275,6 @@ class ScriptedTGI:
             self._state.max_in_flight = self._state.in_flight
 
     # ---- lifecycle ----
-
-    def start(self) -> ScriptedTGI:
-        """Bind a port (a free one when `port` is 0) and serve in a background thread."""
-        self._live = ThreadedServer(self.app, host=self.host, port=self.port, name="scripted TGI").start()
-        self.port = self._live.port
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and join the thread."""
-        if self._live is not None:
-            self._live.stop(join_timeout_s=10)
-        self._live = None
-
-    def __enter__(self) -> ScriptedTGI:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ---- the HTTP app ----
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from llamaduo.contract.spec import LoraSpec, TrainingSpec
-from llamaduo.data import ChatRow, dump_jsonl, parse_jsonl
+from llamaduo.data import ChatRow, parse_jsonl
 from llamaduo.store import open_store
 from llamaduo_trainer.checkpoints import CheckpointStore
 from llamaduo_trainer.finetune import TrainingError, TrainResult, train_adapter
@@ -148,12 +148,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     return str(value)
-
-
-def write_rows(rows: Sequence[ChatRow], path: Path) -> Path:
-    """The training rows as the job's JSONL file."""
-    path.write_bytes(dump_jsonl(rows))
-    return path
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any
 
 from llamaduo.bus import TaskContext, TaskError
 from llamaduo.contract import ArtifactRef, DatasetReady, Event, ModelTrained
-from llamaduo.data import read_manifest, read_training_rows
+from llamaduo.data import DatasetManifest, dump_jsonl, read_manifest, read_training_rows
 from llamaduo.localmodel import resolve_base_model
 from llamaduo.store import ArtifactStore, artifact_key
 from llamaduo.store.archive import TAR_MEDIA_TYPE, pack_dir, unpack_dir
@@ -33,7 +33,7 @@ from llamaduo_trainer.finetune import (
     merge_adapter,
     train_adapter,
 )
-from llamaduo_trainer.launch import Job, run_data_parallel, write_rows
+from llamaduo_trainer.launch import Job, run_data_parallel
 from llamaduo_trainer.settings import TrainerSettings
 
 RESULT_MEDIA_TYPE = "application/vnd.llamaduo.training-result+json"
@@ -140,9 +140,10 @@ class TrainingTask:
             started = time.time()
             if processes > 1:
                 ctx.log.info("training in data parallel", extra={"processes": processes})
+                (work / "rows.jsonl").write_bytes(dump_jsonl(rows))
                 job = Job(
                     base_model=str(base),
-                    rows=str(write_rows(rows, work / "rows.jsonl")),
+                    rows=str(work / "rows.jsonl"),
                     out_dir=str(work / "adapter"),
                     lora=event.spec.lora,
                     training=training,
@@ -173,7 +174,7 @@ class TrainingTask:
                     resume_from=resume_from,
                     init_adapter=previous[1] if previous is not None else None,
                 )
-            adapter_manifest = self._manifest(event, base, manifest_rows=len(rows), result=result, previous=previous)
+            adapter_manifest = self._manifest(event, base, manifest, rows=len(rows), result=result, previous=previous)
             adapter_manifest["resumed_from_step"] = resumed_step
             adapter_manifest["wall_seconds"] = round(time.time() - started, 3)
             manifest_bytes = json.dumps(adapter_manifest, indent=1, default=str).encode()
@@ -253,13 +254,13 @@ class TrainingTask:
         self,
         event: DatasetReady,
         base: Path | str,
+        dataset: DatasetManifest,
         *,
-        manifest_rows: int,
+        rows: int,
         result: TrainResult,
         previous: tuple[ArtifactRef, Path] | None,
     ) -> dict[str, Any]:
         """Everything the adapter came from and what training measured (adapter_manifest.json)."""
-        dataset = read_manifest(self.store, event.dataset)
         return {
             "schema_version": 1,
             "migration_id": event.migration_id,
@@ -267,7 +268,7 @@ class TrainingTask:
             "base_model": {**base_model_fingerprint(base), "revision": event.spec.base_model.revision},
             "dataset": {
                 "manifest": event.dataset.model_dump(),
-                "rows": manifest_rows,
+                "rows": rows,
                 "shards": [
                     {"uri": s.ref.uri, "sha256": s.ref.sha256, "rows": s.rows, "origin": s.origin}
                     for s in dataset.shards

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from llamaduo.llm.limits import estimate_tokens
+
 
 class SpendCapReached(Exception):
     """The next service-LLM call could pass the migration's dollar cap; it was not sent."""
@@ -25,8 +27,8 @@ MESSAGE_OVERHEAD_TOKENS = 8
 
 
 def estimate_prompt_tokens(messages: Sequence[dict[str, str]]) -> int:
-    """A generous estimate of a conversation's prompt tokens, without a tokenizer."""
-    return sum(len(message.get("content", "")) // CHARS_PER_TOKEN + MESSAGE_OVERHEAD_TOKENS for message in messages)
+    """A generous estimate of a conversation's prompt tokens, without a tokenizer (role markers included)."""
+    return estimate_tokens(messages, 0, chars_per_token=CHARS_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS * len(messages)
 
 
 @dataclass

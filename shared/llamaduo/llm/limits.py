@@ -19,7 +19,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,10 @@ def shared_limits(
     return limits
 
 
-def estimate_tokens(messages: list[dict[str, str]], max_tokens: int, extra_chars: int = 0) -> int:
-    """The tokens a request may use at most, roughly: its characters / 4 plus the completion's `max_tokens`."""
+def estimate_tokens(
+    messages: Sequence[dict[str, str]], max_tokens: int, extra_chars: int = 0, chars_per_token: int = 4
+) -> int:
+    """The tokens a request may use at most, roughly: its characters / `chars_per_token` plus the completion's
+    `max_tokens` (4 characters a token is typical English; 3 stays on the safe side for code and other scripts)."""
     chars = sum(len(str(m.get("content") or "")) for m in messages) + extra_chars
-    return chars // 4 + max_tokens
+    return chars // chars_per_token + max_tokens
