@@ -65,6 +65,14 @@ def test_the_tiny_llama_qualifies_for_continuous_batching(model: Model) -> None:
     assert supports_continuous_batching(model)
 
 
+def test_a_transformers_older_than_the_checked_one_falls_back_to_generate(
+    model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # transformers 5.17-5.23 give other tokens for rows joining a running cache (seen on an H200 and here).
+    monkeypatch.setattr("llamaduo_inferencer.batching.transformers.__version__", "5.23.0")
+    assert not supports_continuous_batching(model)
+
+
 def test_greedy_answers_equal_generate_one_prompt_at_a_time(model: Model, tokenizer: Tokenizer) -> None:
     # batch_size 2 over 6 prompts of different lengths: rows join a running batch whose cache is longer or shorter.
     ours = _answer(model, tokenizer, n=2)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -72,8 +74,15 @@ class _Row:
     cancelled: bool = False
 
 
+MIN_TRANSFORMERS = Version("5.24.0")
+"""Older transformers (5.17-5.23 checked) give wrong tokens for rows that join a running cache; they fall back."""
+
+
 def supports_continuous_batching(model: PreTrainedModel) -> bool:
-    """Whether the model's cache is made of plain full-attention `DynamicLayer`s that can be merged and pruned."""
+    """Whether the model's cache is made of plain full-attention `DynamicLayer`s that can be merged and pruned
+    (and the installed transformers is one whose cache merging was checked to give `generate`'s answers)."""
+    if Version(transformers.__version__) < MIN_TRANSFORMERS:
+        return False
     config = getattr(model, "config", None)
     if config is None:
         return False
