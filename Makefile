@@ -8,7 +8,7 @@ PACKAGES := -e 'shared[embedded,local-model,report,otel]' -e services/coordinato
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint schemas up down bench bench-judge bench-synth bench-infer bench-train gpu-check clean
+.PHONY: install demo test test-fast chaos lint schemas up down bench bench-judge bench-synth bench-infer bench-train gpu-check clean
 
 $(STAMP): shared/pyproject.toml services/*/pyproject.toml requirements-dev.txt constraints.txt
 	python3 -m venv $(VENV)
@@ -30,6 +30,12 @@ test: install lint
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not e2e"
+
+# The reliability and security suite's full fault schedule (tests/chaos; `make test` runs its short form): kill -9,
+# bus and coordinator restarts, duplicates, poison, service-LLM and storage faults, load, escapes and secrets. Ends
+# with the table of faults injected, migrations, events lost, work done twice and poison dead-lettered.
+chaos: install
+	LLAMADUO_CHAOS=full $(PY) -m pytest -q -m chaos tests/chaos
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -17,6 +17,10 @@ schema name is looked for in the prompt and the JSON comes wrapped in prose, lik
 `POST /scripted/config` changes `judge_score`, `fault_rate`, `latency_s`, `rpm_limit` and the fault queue of a
 running server; `GET /scripted/stats` reports request counts.
 
+Billing view (what a provider would charge): `answered` holds every request that got a usable completion while its
+client was still connected (`served` counts them); a client that hung up first (its timeout fired, or its process
+was killed) is counted in `abandoned` and is not billed. Fault outcomes are tallied per kind in `fault_counts`.
+
 Rate limit: with `rpm_limit`, a request arriving when `rpm_limit` requests were accepted in the last `rate_window_s`
 seconds (a sliding window, 60 s by default) gets an immediate 429 with `Retry-After` set to the seconds until the
 oldest of them leaves the window. Rejected requests do not count against the window.
@@ -45,7 +49,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -152,6 +156,9 @@ class _State:
     rate_window_s: float = 60.0
     accepted: collections.deque[float] = field(default_factory=collections.deque)
     rate_limited: int = 0
+    answered: list[dict[str, Any]] = field(default_factory=list)
+    abandoned: int = 0
+    fault_counts: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 def _prompt_text(body: dict[str, Any]) -> str:
@@ -359,6 +366,24 @@ class ScriptedLLM(ServedInThread):
             return self._state.faults_served
 
     @property
+    def answered(self) -> list[dict[str, Any]]:
+        """Request bodies that got a completion while their client was still connected: the billable calls."""
+        with self._lock:
+            return list(self._state.answered)
+
+    @property
+    def abandoned(self) -> int:
+        """Requests whose client hung up before the answer was ready (timed out or died): not billed."""
+        with self._lock:
+            return self._state.abandoned
+
+    @property
+    def fault_counts(self) -> dict[str, int]:
+        """Faults served, by kind: `429`, `500` (any status), `delay`, `malformed`, `garbage` ..."""
+        with self._lock:
+            return dict(self._state.fault_counts)
+
+    @property
     def rate_limited(self) -> int:
         """How many requests got a 429 from the `rpm_limit` window (scripted 429 faults not included)."""
         with self._lock:
@@ -431,6 +456,7 @@ class ScriptedLLM(ServedInThread):
         """Forget received requests and queued faults."""
         with self._lock:
             self._state.requests.clear()
+            self._state.answered.clear()
             self._state.queue.clear()
             self._state.max_in_flight = 0
 
@@ -462,7 +488,7 @@ class ScriptedLLM(ServedInThread):
                 return _error(400, "request body is not JSON")
             if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
                 return _error(400, "expected an object with a 'messages' list")
-            return await self._handle(body)
+            return await self._handle(body, request.is_disconnected)
 
         @app.post("/scripted/config")
         async def configure(request: Request) -> dict[str, Any]:
@@ -491,6 +517,8 @@ class ScriptedLLM(ServedInThread):
                     "max_in_flight": self._state.max_in_flight,
                     "queued_faults": len(self._state.queue),
                     "rate_limited": self._state.rate_limited,
+                    "abandoned": self._state.abandoned,
+                    "fault_counts": dict(self._state.fault_counts),
                 }
 
         return app
@@ -517,7 +545,9 @@ class ScriptedLLM(ServedInThread):
         state.accepted.append(now)
         return None
 
-    async def _handle(self, body: dict[str, Any]) -> Response:
+    async def _handle(
+        self, body: dict[str, Any], disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> Response:
         with self._lock:
             self._state.requests.append(body)
             number = len(self._state.requests)
@@ -532,6 +562,7 @@ class ScriptedLLM(ServedInThread):
             self._state.max_in_flight = max(self._state.max_in_flight, self._state.in_flight)
             if fault is not None:
                 self._state.faults_served += 1
+                self._state.fault_counts[str(fault.status) if fault.kind == "status" else fault.kind] += 1
         try:
             if latency > 0:
                 await asyncio.sleep(latency)
@@ -558,8 +589,14 @@ class ScriptedLLM(ServedInThread):
                 content = self._answer(body, number)
                 if not structured:
                     content = f"Here is the JSON you asked for:\n```json\n{content}\n```\nLet me know if you need more."
+            if disconnected is not None and await disconnected():
+                # The client gave up (its timeout, or its process died) before the answer: nothing to bill.
+                with self._lock:
+                    self._state.abandoned += 1
+                return _error(499, "client closed the request")
             with self._lock:
                 self._state.served += 1
+                self._state.answered.append(body)
             return JSONResponse(self._completion(body, content, number))
         finally:
             with self._lock:

@@ -14,7 +14,7 @@ from nats.js.api import PubAck
 
 from llamaduo.bus.provisioning import DEAD_LETTER_STREAM, EVENTS_STREAM
 from llamaduo.bus.settings import BusSettings
-from llamaduo.contract import Event, dead_letter_subject, encode, event_id, headers_for, subject_for
+from llamaduo.contract import Event, check_size, dead_letter_subject, encode, event_id, headers_for, subject_for
 
 log = logging.getLogger(__name__)
 _TRANSIENT = (NatsTimeoutError, NoRespondersError, asyncio.TimeoutError)
@@ -52,10 +52,14 @@ class Publisher:
         raise AssertionError("unreachable")
 
     async def publish(self, event: Event, *, ce_id: str | None = None) -> PubAck:
-        """Publish `event` with its deterministic id (or `ce_id`); a duplicate within the window is dropped."""
+        """Publish `event` with its deterministic id (or `ce_id`); a duplicate within the window is dropped.
+
+        An event over the size limit raises `EventTooLarge` before anything is sent.
+        """
         ident = ce_id or event_id(event)
+        body = check_size(encode(event), event.name, self.settings.max_event_bytes)
         headers = headers_for(event, ce_id=ident, source=self.source)
-        ack = await self._publish(subject_for(event), encode(event), headers, EVENTS_STREAM)
+        ack = await self._publish(subject_for(event), body, headers, EVENTS_STREAM)
         log.debug("published", extra={"event": event.name, "event_id": ident, "duplicate": ack.duplicate})
         return ack
 

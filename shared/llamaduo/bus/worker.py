@@ -20,7 +20,7 @@ from llamaduo.bus.kv import StateStore
 from llamaduo.bus.provisioning import STATE_BUCKET
 from llamaduo.bus.publisher import Publisher
 from llamaduo.bus.settings import BusSettings
-from llamaduo.contract import Event, PoisonMessage, Progress, TaskFailed, decode
+from llamaduo.contract import Event, EventTooLarge, PoisonMessage, Progress, TaskFailed, decode
 from llamaduo.contract.events import IterationEvent, Service
 from llamaduo.data import DatasetError
 from llamaduo.llm import LLMRequestError, SpendCap
@@ -45,6 +45,8 @@ def terminal_reason(exc: BaseException) -> tuple[str, str] | None:
         return exc.reason, exc.detail
     if isinstance(exc, ArtifactError):
         return exc.reason, str(exc)
+    if isinstance(exc, EventTooLarge):
+        return "oversized_output", str(exc)
     if isinstance(exc, DatasetError):
         return "invalid_dataset", str(exc)
     if isinstance(exc, LLMRequestError):
@@ -146,7 +148,7 @@ class Worker(Generic[E]):
         ident = headers.get("Nats-Msg-Id") or headers.get("ce-id") or f"{meta.stream}:{meta.sequence.stream}"
         log = self.log.bind(event_id=ident, delivery=delivery)
         try:
-            event = decode(msg.data, self.model, headers)
+            event = decode(msg.data, self.model, headers, max_bytes=self.settings.max_event_bytes)
         except PoisonMessage as poison:
             log.bind(migration_id=poison.migration_id).error(
                 "poison message", extra={"reason": poison.reason, "detail": poison.detail}

@@ -1,7 +1,16 @@
 """The v1 contract: the migration spec, artifact references, event bodies, subjects and the envelope."""
 
 from llamaduo.contract.artifacts import ArtifactRef, is_valid_migration_id
-from llamaduo.contract.envelope import PoisonMessage, decode, encode, event_id, headers_for
+from llamaduo.contract.envelope import (
+    MAX_EVENT_BYTES,
+    EventTooLarge,
+    PoisonMessage,
+    check_size,
+    decode,
+    encode,
+    event_id,
+    headers_for,
+)
 from llamaduo.contract.events import (
     ALL_EVENTS,
     EVENTS_BY_NAME,
@@ -29,11 +38,13 @@ from llamaduo.contract.subjects import dead_letter_subject, subject_for
 __all__ = [
     "ALL_EVENTS",
     "EVENTS_BY_NAME",
+    "MAX_EVENT_BYTES",
     "Agreement",
     "ArtifactRef",
     "DatasetReady",
     "EvaluationCompleted",
     "Event",
+    "EventTooLarge",
     "IterationEvent",
     "MetricSummary",
     "MigrationCancel",
@@ -49,6 +60,7 @@ __all__ = [
     "ResponsesReady",
     "Spend",
     "TaskFailed",
+    "check_size",
     "dead_letter_subject",
     "decode",
     "encode",

@@ -9,6 +9,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
+from llamaduo.contract.artifacts import is_valid_migration_id
 from llamaduo.contract.events import SCHEMA_VERSION, Event, IterationEvent
 from llamaduo.contract.subjects import event_type
 
@@ -16,6 +17,8 @@ E = TypeVar("E", bound=Event)
 
 SPEC_VERSION = "1.0"
 MSG_ID_HEADER = "Nats-Msg-Id"
+MAX_EVENT_BYTES = 256 * 1024
+"""Largest event body accepted (and published): events carry references, never the data itself (claim check)."""
 
 
 class PoisonMessage(Exception):
@@ -64,14 +67,46 @@ def encode(event: Event) -> bytes:
     return event.model_dump_json().encode()
 
 
-def decode(body: bytes, model: type[E], headers: Mapping[str, str] | None = None) -> E:
-    """Parse and validate a body, raising `PoisonMessage` with a precise reason when it cannot be used."""
+class EventTooLarge(ValueError):
+    """An event body over the size limit, refused before it is published."""
+
+
+def check_size(body: bytes, name: str, max_bytes: int = MAX_EVENT_BYTES) -> bytes:
+    """`body` when it is within `max_bytes`; `EventTooLarge` naming the event and both sizes otherwise."""
+    if len(body) > max_bytes:
+        raise EventTooLarge(
+            f"{name} event body is {len(body)} bytes, over the {max_bytes}-byte limit: large data belongs in the "
+            "artifact store, referenced by URI and sha256"
+        )
+    return body
+
+
+def _header_migration_id(headers: Mapping[str, str] | None) -> str | None:
+    """The migration an unreadable body belongs to, from its CloudEvents `ce-subject` header (if well-formed)."""
+    value = (headers or {}).get("ce-subject")
+    return value if isinstance(value, str) and is_valid_migration_id(value) else None
+
+
+def decode(
+    body: bytes, model: type[E], headers: Mapping[str, str] | None = None, *, max_bytes: int = MAX_EVENT_BYTES
+) -> E:
+    """Parse and validate a body, raising `PoisonMessage` with a precise reason when it cannot be used.
+
+    A body over `max_bytes` is refused unparsed (`oversized_event`); its migration comes from `ce-subject`.
+    """
+    if len(body) > max_bytes:
+        raise PoisonMessage(
+            "oversized_event",
+            f"body is {len(body)} bytes, over the {max_bytes}-byte event limit",
+            _header_migration_id(headers),
+        )
     try:
         raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PoisonMessage("invalid_json", f"body is not JSON: {exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise PoisonMessage("invalid_json", f"body is not JSON: {problem}", _header_migration_id(headers)) from exc
     migration_id = raw.get("migration_id") if isinstance(raw, dict) else None
-    if not isinstance(migration_id, str):
+    if not isinstance(migration_id, str) or not is_valid_migration_id(migration_id):
         migration_id = None
     if isinstance(raw, dict) and raw.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
         raise PoisonMessage(

@@ -8,10 +8,12 @@ from urllib.parse import urlparse
 from llamaduo.store.base import (
     ArtifactError,
     ArtifactMissing,
+    ArtifactOutsideStore,
     ArtifactStore,
     ChecksumMismatch,
     StoreUnavailable,
     artifact_key,
+    check_key,
     sha256_of_file,
 )
 from llamaduo.store.local import LocalStore, StoreFull, path_from_file_uri
@@ -48,6 +50,7 @@ def open_store(settings: StoreSettings) -> ArtifactStore:
 __all__ = [
     "ArtifactError",
     "ArtifactMissing",
+    "ArtifactOutsideStore",
     "ArtifactStore",
     "ChecksumMismatch",
     "LocalStore",
@@ -55,6 +58,7 @@ __all__ = [
     "StoreSettings",
     "StoreUnavailable",
     "artifact_key",
+    "check_key",
     "open_store",
     "path_from_file_uri",
     "sha256_of_file",

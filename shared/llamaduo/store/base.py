@@ -35,6 +35,22 @@ class ChecksumMismatch(ArtifactError):
     reason = "checksum_mismatch"
 
 
+class ArtifactOutsideStore(ArtifactError, ValueError):
+    """A key or URI that points outside the configured bucket, prefix or root directory: refused, never read."""
+
+    reason = "artifact_outside_store"
+
+
+def check_key(key: str) -> str:
+    """`key` when it is a plain relative key; `ArtifactOutsideStore` for absolute keys, `..`, `.` or empty parts."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or any(part in ("", ".", "..") for part in parts):
+        raise ArtifactOutsideStore(key, f"key escapes the store: {key!r} must be a relative path without '..'")
+    if any(ord(char) < 32 for char in key):
+        raise ArtifactOutsideStore(key, f"key escapes the store: {key!r} holds control characters")
+    return key
+
+
 class StoreUnavailable(Exception):
     """The store could not be reached; the operation may succeed later."""
 

@@ -10,7 +10,15 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from llamaduo.contract.artifacts import ArtifactRef
-from llamaduo.store.base import ArtifactError, ArtifactMissing, ArtifactStore, sha256_of_file, verify
+from llamaduo.store.base import (
+    ArtifactError,
+    ArtifactMissing,
+    ArtifactOutsideStore,
+    ArtifactStore,
+    check_key,
+    sha256_of_file,
+    verify,
+)
 
 
 class StoreFull(ArtifactError):
@@ -38,7 +46,7 @@ def _atomic_copy(source: Path, dest: Path, uri: str) -> None:
         temp.replace(dest)
     except OSError as exc:
         temp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreFull(uri, "no space left on the device holding the artifact store") from exc
         raise
 
@@ -51,9 +59,25 @@ class LocalStore(ArtifactStore):
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
+        path = (self.root / check_key(key)).resolve()
         if self.root not in path.parents:
-            raise ValueError(f"key escapes the store root: {key!r}")
+            raise ArtifactOutsideStore(key, f"key escapes the store root {self.root}: {key!r}")
+        return path
+
+    def _confined(self, uri: str) -> Path:
+        """The path of a `file://` URI from an event, refused unless it lies inside the store's root directory.
+
+        Symlinks are resolved first, so a link inside the root that points out of it is refused too.
+        """
+        parsed = urlparse(uri)
+        if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
+            raise ArtifactOutsideStore(uri, f"not a file:// URI of this store (root {self.root})")
+        raw = unquote(parsed.path)
+        if "\x00" in raw or ".." in raw.split("/"):
+            raise ArtifactOutsideStore(uri, f"URI escapes the store root {self.root}")
+        path = Path(raw).resolve()
+        if self.root not in path.parents:
+            raise ArtifactOutsideStore(uri, f"URI escapes the store root {self.root}")
         return path
 
     def uri_for(self, key: str) -> str:
@@ -74,7 +98,7 @@ class LocalStore(ArtifactStore):
         )
 
     def download(self, ref: ArtifactRef, dest: Path) -> Path:
-        source = path_from_file_uri(ref.uri)
+        source = self._confined(ref.uri)
         if not source.is_file():
             raise ArtifactMissing(ref.uri, "artifact does not exist")
         _atomic_copy(source, dest, dest.as_uri())
@@ -86,7 +110,7 @@ class LocalStore(ArtifactStore):
         return dest
 
     def read_uri(self, uri: str) -> bytes:
-        path = path_from_file_uri(uri)
+        path = self._confined(uri)
         try:
             return path.read_bytes()
         except FileNotFoundError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -18,14 +19,17 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from llamaduo.contract.artifacts import ArtifactRef
 from llamaduo.store.base import (
     ArtifactMissing,
+    ArtifactOutsideStore,
     ArtifactStore,
     StoreUnavailable,
+    check_key,
     sha256_of_file,
     sha256_of_stream,
     verify,
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"}
 SHA256_META = "sha256"
 
@@ -46,7 +50,12 @@ def _retrying(attempts: int, base_delay: float) -> Callable[[Callable[..., T]], 
                 except (Urllib3Error, OSError) as exc:
                     error = exc
                 if attempt + 1 < attempts:
-                    time.sleep(base_delay * 2**attempt * (0.5 + random.random()))
+                    delay = base_delay * 2**attempt * (0.5 + random.random())
+                    log.warning(
+                        "S3 request failed; retrying",
+                        extra={"operation": func.__name__, "attempt": attempt + 1, "error": repr(error)[:300]},
+                    )
+                    time.sleep(delay)
             raise StoreUnavailable(f"S3 store unreachable after {attempts} attempts: {error}") from error
 
         return inner
@@ -67,6 +76,7 @@ class S3Store(ArtifactStore):
         self._get = retry(self._get_all)
 
     def _key(self, key: str) -> str:
+        check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def uri_for(self, key: str) -> str:
@@ -104,10 +114,24 @@ class S3Store(ArtifactStore):
             response.release_conn()
 
     def _locate(self, uri: str) -> tuple[str, str]:
+        """Bucket and object key of an `s3://` URI from an event, refused unless inside this store's bucket/prefix."""
+        where = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         parsed = urlparse(uri)
         if parsed.scheme != "s3" or not parsed.netloc:
-            raise ValueError(f"not an s3:// URI: {uri}")
-        return parsed.netloc, parsed.path.lstrip("/")
+            raise ArtifactOutsideStore(uri, f"not an s3:// URI of this store ({where})")
+        if parsed.netloc != self.bucket:
+            raise ArtifactOutsideStore(uri, f"URI names bucket {parsed.netloc!r}, not this store's ({where})")
+        if parsed.query or parsed.fragment or parsed.params:
+            raise ArtifactOutsideStore(uri, f"URI carries a query or fragment; refused ({where})")
+        key = parsed.path.removeprefix("/")
+        relative = key.removeprefix(f"{self.prefix}/") if self.prefix else key
+        if self.prefix and relative == key:
+            raise ArtifactOutsideStore(uri, f"URI lies outside this store's prefix ({where})")
+        try:
+            check_key(relative)
+        except ArtifactOutsideStore as exc:
+            raise ArtifactOutsideStore(uri, f"URI escapes this store ({where})") from exc
+        return parsed.netloc, key
 
     def read_uri(self, uri: str) -> bytes:
         bucket, key = self._locate(uri)
