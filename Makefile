@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PACKAGES := -e 'shared[embedded,local-model,report,otel]' -e services/coordinator -e services/synthesizer -e services/judge \
-            -e services/trainer -e services/inferencer
+            -e services/trainer -e services/inferencer -e services/bridge
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -41,7 +41,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy -p llamaduo -p llamaduo_coordinator -p llamaduo_synthesizer -p llamaduo_trainer \
-		-p llamaduo_inferencer -p llamaduo_judge
+		-p llamaduo_inferencer -p llamaduo_judge -p llamaduo_bridge
 
 schemas: install
 	$(VENV)/bin/llamaduo schemas --out schemas

@@ -358,6 +358,22 @@ def provision() -> None:
 
 
 @app.command()
+def bridge(
+    bus: Annotated[
+        str | None, typer.Option(help="kafka, rabbitmq, redis or mqtt (default: $LLAMADUO_BRIDGE_BUS).")
+    ] = None,
+) -> None:
+    """Bridge Kafka, RabbitMQ, Redis Streams or MQTT to the migration bus (settings: LLAMADUO_BRIDGE_* variables)."""
+    try:
+        from llamaduo_bridge.app import main as run_bridge
+    except ImportError as exc:
+        raise _fail(f"`llamaduo bridge` needs the bridge service: pip install ./services/bridge ({exc})") from exc
+    if bus:
+        os.environ["LLAMADUO_BRIDGE_BUS"] = bus
+    run_bridge()
+
+
+@app.command()
 def schemas(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("schemas")) -> None:
     """Write the JSON Schema of every event and the AsyncAPI document."""
     from llamaduo.contract.schemas import write_schemas

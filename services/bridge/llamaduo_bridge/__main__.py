@@ -1,0 +1,3 @@
+from llamaduo_bridge.app import main
+
+main()
