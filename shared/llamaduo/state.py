@@ -23,7 +23,9 @@ def utcnow() -> datetime:
 class IterationRecord(BaseModel):
     """What one fine-tune/evaluate round produced and what was decided."""
 
-    model_config = ConfigDict(extra="forbid")
+    # A newer coordinator may add fields: readers on the previous version (workers, the CLI) keep working through a
+    # rolling upgrade instead of failing on a state they cannot parse.
+    model_config = ConfigDict(extra="ignore")
 
     iteration: int = Field(ge=0)
     dataset: ArtifactRef
@@ -36,12 +38,16 @@ class IterationRecord(BaseModel):
     failed_judgments: int = 0
     spend: Spend = Field(default_factory=Spend)
     decision: Decision | None = None
+    decision_published: bool = False
+    """The decision's event was accepted by JetStream: a later redelivery of the evaluation publishes nothing."""
 
 
 class MigrationState(BaseModel):
     """The whole state of a migration; updated only by compare-and-set on the KV revision."""
 
-    model_config = ConfigDict(extra="forbid")
+    # A newer coordinator may add fields: readers on the previous version (workers, the CLI) keep working through a
+    # rolling upgrade instead of failing on a state they cannot parse.
+    model_config = ConfigDict(extra="ignore")
 
     migration_id: str
     spec: MigrationSpec

@@ -19,10 +19,20 @@ def full_schedule() -> bool:
     return os.environ.get("LLAMADUO_CHAOS", "short").lower() == "full"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The long scenarios (marked `full_schedule`) belong to `make chaos`: the short form deselects them rather
+    # than reporting them as skipped.
+    kept, dropped = [], []
     for item in items:
         if "/tests/chaos/" in str(item.path).replace(os.sep, "/"):
             item.add_marker(pytest.mark.chaos)
+        if item.get_closest_marker("full_schedule") is not None and not full_schedule():
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.hookimpl(wrapper=True)
@@ -50,6 +60,7 @@ def scenario(request: pytest.FixtureRequest) -> Iterator[ScenarioTally]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "scenario(name): the chaos table row a test reports into")
+    config.addinivalue_line("markers", "full_schedule: runs only in the full fault schedule (make chaos)")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

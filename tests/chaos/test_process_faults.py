@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from tests.chaos.conftest import full_schedule
 from tests.chaos.faults import kill9
 from tests.chaos.stack_world import (
     ChaosStack,
@@ -191,7 +190,7 @@ async def test_short_schedule_kill_every_model_worker_and_restart_the_coordinato
     await finish_and_audit(chaos, scenario, {mid: [*ONE_ITERATION, "migration.graduated@0"]}, faults)
 
 
-@pytest.mark.skipif(not full_schedule(), reason="the full schedule only (make chaos)")
+@pytest.mark.full_schedule
 async def test_full_schedule_two_iterations_with_the_synthesizer_killed_and_restarts_mid_stage(
     chaos: ChaosStack, tiny_model_dir: Path, scenario: ScenarioTally
 ) -> None:
@@ -211,7 +210,7 @@ async def test_full_schedule_two_iterations_with_the_synthesizer_killed_and_rest
     await finish_and_audit(chaos, scenario, {mid: TWO_ITERATIONS}, faults)
 
 
-@pytest.mark.skipif(not full_schedule(), reason="the full schedule only (make chaos)")
+@pytest.mark.full_schedule
 async def test_full_schedule_ten_concurrent_migrations_with_two_replicas_of_every_worker(
     chaos: ChaosStack, tiny_model_dir: Path, scenario: ScenarioTally
 ) -> None:

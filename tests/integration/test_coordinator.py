@@ -32,7 +32,11 @@ def chat(i: int) -> str:
 def settings(tmp_path):
     with NatsServer(tmp_path / "nats") as server:
         yield CoordinatorSettings(
-            nats_url=server.url, store_url=(tmp_path / "store").as_uri(), ack_wait_s=5, retry_base_delay_s=0.2
+            nats_url=server.url,
+            store_url=(tmp_path / "store").as_uri(),
+            ack_wait_s=5,
+            retry_base_delay_s=0.2,
+            coverage_dirs=str(tmp_path / "allowed"),
         )
 
 
@@ -76,7 +80,8 @@ async def events_until_quiet(client: Client, migration_id: str, since: datetime,
     ],
 )
 async def test_an_invalid_coverage_dataset_fails_the_migration_with_its_reason(settings, tmp_path, lines, detail):
-    coverage = tmp_path / "coverage.jsonl"
+    (tmp_path / "allowed").mkdir()
+    coverage = tmp_path / "allowed" / "coverage.jsonl"
     coverage.write_text("\n".join(lines) + "\n")
     async with coordinator(settings) as client:
         since = datetime.now(UTC)
@@ -90,6 +95,26 @@ async def test_an_invalid_coverage_dataset_fails_the_migration_with_its_reason(s
     assert [e.name for e in events] == ["migration.requested", "migration.failed"]
     assert events[1].reason == "invalid_dataset" and detail in events[1].detail
     assert state.status == "failed" and detail in state.failure_detail
+
+
+@pytest.mark.parametrize("uri", ["file:///etc/passwd", "/etc/hostname", "{tmp}/outside/coverage.jsonl"])
+async def test_a_request_naming_a_local_file_outside_the_store_and_coverage_dirs_is_refused_unread(
+    settings, tmp_path, uri
+):
+    outside = tmp_path / "outside" / "coverage.jsonl"
+    outside.parent.mkdir()
+    outside.write_text("\n".join(chat(i) for i in range(20)))
+    async with coordinator(settings) as client:
+        since = datetime.now(UTC)
+        client.upload_coverage = lambda spec, mid: spec  # type: ignore[method-assign]
+        spec = MigrationSpec.model_validate(
+            {"task": {"name": "t"}, "coverage": {"uri": uri.format(tmp=tmp_path), "test_fraction": 0.25}}
+        )
+        await client.submit(spec, "escape")
+        events = await events_until_quiet(client, "escape", since, 2)
+    assert [e.name for e in events] == ["migration.requested", "migration.failed"]
+    assert events[1].reason == "artifact_outside_store"
+    assert "LLAMADUO_COVERAGE_DIRS" in events[1].detail
 
 
 async def test_duplicate_requests_start_one_migration_and_cancel_ends_it(settings, tmp_path):

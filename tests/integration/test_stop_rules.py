@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from llamaduo.bus import Publisher
+from llamaduo.bus import Publisher, StateStore
+from llamaduo.bus.provisioning import STATE_BUCKET
 from llamaduo.client import Client
 from llamaduo.contract import (
     ArtifactRef,
@@ -25,6 +26,7 @@ from llamaduo.contract import (
 )
 from llamaduo.contract.spec import BudgetSpec
 from llamaduo.embedded.nats_server import NatsServer
+from llamaduo.state import MigrationState
 from llamaduo_coordinator.settings import CoordinatorSettings
 from tests.integration.test_coordinator import chat, coordinator, events_until_quiet, spec_for
 
@@ -210,3 +212,38 @@ async def test_resume_restarts_a_cancelled_stage_and_redecides_a_failed_one_with
     assert len(decided) == 1 and decided[0].spec.resumed == 1
     assert state.status == "running" and state.spec.budgets.plateau_iterations is None
     assert state.spend.usd == pytest.approx(0.20), "a re-emitted evaluation is not paid twice"
+
+
+async def test_a_decision_recorded_but_never_published_goes_out_when_the_evaluation_is_redelivered(settings, coverage):
+    # The coordinator wrote `graduated` into the state and died before its publish: the state is terminal, yet the
+    # redelivered evaluation must still put `migration.graduated` on the stream, once, and record that it did.
+    spec = spec_for(coverage, evaluation={"thresholds": {"similarity": 90, "precision": 90}})
+    async with coordinator(settings) as client:
+        publisher = Publisher(client.js, "test", settings)
+        ready = await start(client, spec, "crashed-mig")
+        states = StateStore(await client.js.key_value(STATE_BUCKET))
+
+        def crashed_after_state_write(state: MigrationState) -> MigrationState:
+            record = state.iterations[0]
+            record.adapter, record.scores, record.decision = adapter_ref(0), scores(95), "graduated"
+            state.status = "graduated"
+            return state
+
+        await states.update("crashed-mig", crashed_after_state_write)
+        since = datetime.now(UTC)
+        await publisher.publish(evaluation(ready, 95))
+        await until_published(client, "crashed-mig")
+        await publisher.publish(evaluation(ready, 95), ce_id="crashed-mig:redelivered-again")
+        events = await everything(client, "crashed-mig", since)
+        state = await client.status("crashed-mig")
+    names = [e.name for e in events if e.name in ("evaluation.completed", "migration.graduated")]
+    assert names == ["evaluation.completed", "migration.graduated", "evaluation.completed"], "graduated once"
+    assert state is not None and state.iterations[0].decision_published
+
+
+async def until_published(client: Client, migration_id: str, timeout_s: float = 20.0) -> None:
+    """Wait until the coordinator has recorded that the first iteration's decision went out."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while (state := await client.status(migration_id)) is None or not state.iterations[0].decision_published:
+        assert asyncio.get_running_loop().time() < deadline, f"{migration_id}'s decision was never published"
+        await asyncio.sleep(0.1)

@@ -23,7 +23,7 @@ from llamaduo_coordinator.status import StatusService
 
 def bindings(settings: CoordinatorSettings) -> list[Binding]:
     """The coordinator's six inputs, each on its own durable consumer."""
-    coordinator = Coordinator(open_store(settings))
+    coordinator = Coordinator(open_store(settings), settings.coverage_dir_paths())
     return [
         Binding("coordinator-requested", "accept", MigrationRequested, coordinator.on_requested, skip_terminal=False),
         Binding("coordinator-dataset", "record", DatasetReady, coordinator.on_dataset, skip_terminal=False),
@@ -39,7 +39,11 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastStream:
     settings = settings or CoordinatorSettings()
     app, broker = build_app("coordinator", settings, bindings(settings))
     StatusService(lambda: broker.connection.jetstream()).attach(broker)
-    DeadlineSweep(Coordinator(open_store(settings)), settings, lambda: broker.connection.jetstream()).attach(app)
+    DeadlineSweep(
+        Coordinator(open_store(settings), settings.coverage_dir_paths()),
+        settings,
+        lambda: broker.connection.jetstream(),
+    ).attach(app)
     return app
 
 

@@ -5,20 +5,36 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from urllib.parse import urlparse
 
 from llamaduo.contract.spec import CoverageSpec
 from llamaduo.data import ChatRow, DatasetError, parse_jsonl
-from llamaduo.store import ArtifactStore, ChecksumMismatch, path_from_file_uri
+from llamaduo.store import ArtifactOutsideStore, ArtifactStore, ChecksumMismatch, path_from_file_uri
 
 
-def read_coverage(store: ArtifactStore, coverage: CoverageSpec) -> list[ChatRow]:
-    """Load the coverage JSONL from the store (or a local path), verify its sha256 if given, validate rows."""
+def read_coverage(store: ArtifactStore, coverage: CoverageSpec, local_dirs: Sequence[Path] = ()) -> list[ChatRow]:
+    """Load the coverage JSONL, verify its sha256 if given, validate rows.
+
+    The URI comes from an event, so it is read only from the artifact store (confined to its bucket or root) or,
+    for a local path or `file://` URI, from inside one of `local_dirs` (`LLAMADUO_COVERAGE_DIRS`): an event naming
+    `file:///etc/passwd` is refused with `artifact_outside_store`, never read.
+    """
     if urlparse(coverage.uri).scheme in ("", "file"):
-        path = path_from_file_uri(coverage.uri)
-        if not path.is_file():
-            raise DatasetError(f"coverage dataset not found: {coverage.uri}")
-        data = path.read_bytes()
+        path = path_from_file_uri(coverage.uri).resolve()
+        if any(path.is_relative_to(root.resolve()) for root in local_dirs):
+            if not path.is_file():
+                raise DatasetError(f"coverage dataset not found: {coverage.uri}")
+            data = path.read_bytes()
+        else:
+            try:
+                data = store.read_uri(path.as_uri())
+            except ArtifactOutsideStore as exc:
+                raise ArtifactOutsideStore(
+                    coverage.uri,
+                    "a local coverage path is read only from the artifact store or a directory named in "
+                    "LLAMADUO_COVERAGE_DIRS; upload it to the store (`llamaduo migrate` does) or allow its directory",
+                ) from exc
     else:
         data = store.read_uri(coverage.uri)
     if coverage.sha256 and hashlib.sha256(data).hexdigest() != coverage.sha256:

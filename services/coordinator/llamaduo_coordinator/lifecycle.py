@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from llamaduo.bus import StateStore, TaskContext, TaskError
@@ -57,8 +59,9 @@ def _failed_event(state: MigrationState) -> MigrationFailed:
 class Coordinator:
     """Owns migration state; every handler is idempotent under redelivery and duplicates."""
 
-    def __init__(self, store: ArtifactStore) -> None:
+    def __init__(self, store: ArtifactStore, coverage_dirs: Sequence[Path] = ()) -> None:
         self.store = store
+        self.coverage_dirs = tuple(coverage_dirs)
 
     # migration.requested ------------------------------------------------------------------------------
     async def on_requested(self, event: MigrationRequested, ctx: TaskContext) -> list[Event]:
@@ -108,7 +111,7 @@ class Coordinator:
     def _prepare(
         self, migration_id: str, spec: MigrationSpec
     ) -> tuple[ArtifactRef, ArtifactRef, ArtifactRef, DatasetManifest, int]:
-        rows = read_coverage(self.store, spec.coverage)
+        rows = read_coverage(self.store, spec.coverage, self.coverage_dirs)
         train, test = split_coverage(rows, spec.coverage)
         put = self.store.put_bytes
         coverage_key = artifact_key(migration_id, None, "coverage", "{}.jsonl").format
@@ -165,9 +168,11 @@ class Coordinator:
         if found is None:
             raise TaskError("unknown_migration", f"evaluation for unknown migration {event.migration_id}")
         current = found[0]
-        if current.terminal:
+        recorded = current.record(event.iteration)
+        unpublished = recorded is not None and recorded.decision is not None and not recorded.decision_published
+        if current.terminal and not unpublished:
             return []
-        if current.record(event.iteration) is None:
+        if recorded is None:
             raise EvaluationTooEarly(f"iteration {event.iteration} has no dataset record yet")
 
         def apply(state: MigrationState) -> MigrationState | None:
@@ -200,7 +205,23 @@ class Coordinator:
         record = state.record(event.iteration)
         if record is None or record.decision is None or state.iteration != event.iteration:
             return []
+        if record.decision_published:
+            # Redelivered after the decision went out (possibly past JetStream's dedup window): publishing it again
+            # would start the next stage a second time.
+            ctx.log.info(
+                "decision already published; redelivered evaluation ignored", extra={"decision": record.decision}
+            )
+            return []
         await self._write_lineage(state, event.iteration, ctx)
+        for output in self._decision_events(state, event, record):
+            await ctx.publisher.publish(output)
+        await states.update(event.migration_id, _mark_published(event.iteration))
+        return []
+
+    def _decision_events(
+        self, state: MigrationState, event: EvaluationCompleted, record: IterationRecord
+    ) -> list[Event]:
+        """The event that carries the decision recorded for `event`'s iteration."""
         if record.decision == "graduated":
             return [
                 MigrationGraduated(
@@ -333,7 +354,7 @@ class Coordinator:
             state.resumed_at = utcnow()
             last = state.iterations[-1]
             if last.decision == "failed":
-                last.decision = None
+                last.decision, last.decision_published = None, False
             return state
 
         state = await states.update(event.migration_id, reopen)
@@ -377,6 +398,19 @@ def _rows_to_ask(state: MigrationState, record: IterationRecord) -> int:
     rows = state.spec.rows_for_round(record.iteration)
     cap = state.spec.budgets.max_synthetic_rows
     return rows if cap is None else min(rows, cap - record.synthetic_rows)
+
+
+def _mark_published(iteration: int) -> Callable[[MigrationState], MigrationState | None]:
+    """A state update recording that the decision of `iteration` was accepted by JetStream."""
+
+    def mark(state: MigrationState) -> MigrationState | None:
+        record = state.record(iteration)
+        if record is None or record.decision_published:
+            return None
+        record.decision_published = True
+        return state
+
+    return mark
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from llamaduo.settings import WorkerSettings
@@ -13,3 +15,14 @@ class CoordinatorSettings(WorkerSettings):
     deadline_check_s: float = Field(
         default=15.0, gt=0.0, description="Seconds between sweeps that fail migrations past their deadline."
     )
+    coverage_dirs: str = Field(
+        default="",
+        description=(
+            "Comma-separated local directories a `migration.requested` event may name coverage files in, besides the "
+            "artifact store (where `llamaduo migrate` uploads them). Empty: only the store."
+        ),
+    )
+
+    def coverage_dir_paths(self) -> list[Path]:
+        """`coverage_dirs` as paths."""
+        return [Path(part.strip()) for part in self.coverage_dirs.split(",") if part.strip()]
