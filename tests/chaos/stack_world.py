@@ -194,7 +194,8 @@ def coverage_for(stack: ChaosStack, migration_id: str) -> Path:
 
 
 async def terminal_state(stack: ChaosStack, migration_id: str, timeout: float) -> MigrationState:
-    """Poll KV (through reconnects) until the migration ends."""
+    """Poll KV (through reconnects) until the migration ends and, when a decision ended it, that decision's event
+    was accepted by JetStream (the state turns terminal just before the coordinator publishes it)."""
     deadline = time.monotonic() + timeout
     async with stack.client() as client:
         while True:
@@ -202,7 +203,8 @@ async def terminal_state(stack: ChaosStack, migration_id: str, timeout: float) -
                 state = await client.status(migration_id)
             except Exception:  # the bus may be restarting under us
                 state = None
-            if state is not None and state.terminal:
+            decided = state is not None and state.iterations and state.iterations[-1].decision is not None
+            if state is not None and state.terminal and (not decided or state.iterations[-1].decision_published):
                 return state
             if time.monotonic() > deadline:
                 raise AssertionError(f"{migration_id} did not finish in {timeout:.0f}s (last state: {state})")
