@@ -19,15 +19,14 @@ from llamaduo.bus import Binding, Publisher, build_app, provision_bus
 from llamaduo.bus.provisioning import DEAD_LETTER_STREAM, EVENTS_STREAM
 from llamaduo.client import Client
 from llamaduo.contract import MigrationSpec, ResponsesReady
-from llamaduo.data import JSONL_MEDIA_TYPE, dump_jsonl, make_row
-from llamaduo.data.results import PromptResponses, Response, dump_models
 from llamaduo.llm import ServiceLLMSettings
 from llamaduo.state import MigrationState
-from llamaduo.store import ArtifactStore, artifact_key
+from llamaduo.store import ArtifactStore
 from llamaduo_coordinator.app import create_app
 from llamaduo_coordinator.settings import CoordinatorSettings
 from llamaduo_judge.settings import JudgeSettings
 from llamaduo_judge.task import JudgingTask
+from tests.support.migration_artifacts import stored_responses_event
 
 PROMPTS, RESPONSES = 4, 2
 
@@ -73,36 +72,16 @@ def judge_spec(coverage: Path, **overrides: Any) -> MigrationSpec:
 
 
 def responses_event(store: ArtifactStore, migration_id: str, spec: MigrationSpec) -> ResponsesReady:
-    """A valid responses.ready whose test split and responses are stored under `migration_id`."""
-    test = [make_row(f"[{migration_id}] describe change {i}", f"fix: change {i}", origin="coverage") for i in range(4)]
-    # Not the coordinator's own split key: it writes that one when the migration is accepted, and may do so later.
-    test_ref = store.put_bytes(artifact_key(migration_id, None, "chaos-input", "test.jsonl"), dump_jsonl(test))
-    answers = [
-        PromptResponses(
-            index=i,
-            prompt=row.prompt,
-            responses=[
-                Response(
-                    text=f"fix: answer {i}.{k}", prompt_tokens=5, completion_tokens=4, finish_reason="stop", latency_s=0
-                )
-                for k in range(RESPONSES)
-            ],
-        )
-        for i, row in enumerate(test)
-    ]
-    responses_ref = store.put_bytes(
-        artifact_key(migration_id, 0, "responses", "responses.jsonl"), dump_models(answers), JSONL_MEDIA_TYPE
-    )
-    return ResponsesReady(
-        migration_id=migration_id,
-        iteration=0,
-        spec=spec,
-        adapter=test_ref,
-        dataset=test_ref,
-        test=test_ref,
-        responses=responses_ref,
+    """A valid responses.ready whose test split and responses are stored under `migration_id` (the test split not
+    under the coordinator's own split key: it writes that one when the migration is accepted, and may do so later)."""
+    return stored_responses_event(
+        store,
+        migration_id,
+        spec,
         prompts=PROMPTS,
-        responses_per_prompt=RESPONSES,
+        responses=RESPONSES,
+        prompt_prefix=f"[{migration_id}] ",
+        split_stage="chaos-input",
     )
 
 

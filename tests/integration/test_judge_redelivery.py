@@ -9,13 +9,12 @@ import pytest
 
 from llamaduo.bus import Binding, Publisher, build_app, provision_bus
 from llamaduo.contract import EvaluationCompleted, MigrationSpec, ResponsesReady, decode
-from llamaduo.data import JSONL_MEDIA_TYPE, dump_jsonl, make_row
-from llamaduo.data.results import PromptResponses, Response, dump_models
 from llamaduo.embedded.nats_server import NatsServer
 from llamaduo.llm import ServiceLLMSettings
-from llamaduo.store import LocalStore, artifact_key
+from llamaduo.store import LocalStore
 from llamaduo_judge.settings import JudgeSettings
 from llamaduo_judge.task import JudgingTask
+from tests.support.migration_artifacts import stored_responses_event
 from tests.support.scripted_llm import ScriptedLLM
 
 pytestmark = pytest.mark.integration
@@ -30,24 +29,6 @@ def world(tmp_path):
 
 
 def responses_event(store: LocalStore) -> ResponsesReady:
-    test = [make_row(f"describe change {i}", f"fix: change {i}", origin="coverage") for i in range(PROMPTS)]
-    test_ref = store.put_bytes(artifact_key("ledger-001", None, "coverage", "test.jsonl"), dump_jsonl(test))
-    answers = [
-        PromptResponses(
-            index=i,
-            prompt=row.prompt,
-            responses=[
-                Response(
-                    text=f"fix: answer {i}.{k}", prompt_tokens=5, completion_tokens=4, finish_reason="stop", latency_s=0
-                )
-                for k in range(RESPONSES)
-            ],
-        )
-        for i, row in enumerate(test)
-    ]
-    responses_ref = store.put_bytes(
-        artifact_key("ledger-001", 0, "responses", "responses.jsonl"), dump_models(answers), JSONL_MEDIA_TYPE
-    )
     spec = MigrationSpec.model_validate(
         {
             "task": {"name": "commit-message"},
@@ -55,17 +36,7 @@ def responses_event(store: LocalStore) -> ResponsesReady:
             "evaluation": {"judge": {"input_usd_per_million": 1000.0, "output_usd_per_million": 2000.0}},
         }
     )
-    return ResponsesReady(
-        migration_id="ledger-001",
-        iteration=0,
-        spec=spec,
-        adapter=test_ref,
-        dataset=test_ref,
-        test=test_ref,
-        responses=responses_ref,
-        prompts=PROMPTS,
-        responses_per_prompt=RESPONSES,
-    )
+    return stored_responses_event(store, "ledger-001", spec, prompts=PROMPTS, responses=RESPONSES)
 
 
 @contextlib.asynccontextmanager

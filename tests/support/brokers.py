@@ -210,6 +210,7 @@ class ScriptedCoordinator:
         self.cancels: dict[str, list[str]] = {}
         self._task: asyncio.Task[None] | None = None
         self._nc: NatsClient | None = None
+        self._stopping = asyncio.Event()
 
     async def start(self) -> ScriptedCoordinator:
         self._nc = await nats.connect(
@@ -233,7 +234,9 @@ class ScriptedCoordinator:
         sub = await js.pull_subscribe_bind(durable=durable, stream=EVENTS_STREAM)
 
         async def loop() -> None:
-            while True:
+            # The flag, not only the cancel: Python 3.11's wait_for (inside nats-py's fetch) can swallow a cancel
+            # that lands as its timeout fires, and a loop relying on the cancel then runs forever (seen once in CI).
+            while not self._stopping.is_set():
                 try:
                     batch = await sub.fetch(10, timeout=0.5)
                 except NatsTimeoutError:
@@ -256,6 +259,7 @@ class ScriptedCoordinator:
         return self
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

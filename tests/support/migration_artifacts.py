@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from llamaduo.contract import ArtifactRef, MetricSummary, MigrationSpec, Spend
+from llamaduo.contract import ArtifactRef, MetricSummary, MigrationSpec, ResponsesReady, Spend
 from llamaduo.contract.spec import Metric
 from llamaduo.data import JSONL_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, DatasetManifest, Shard, dump_jsonl, make_row
 from llamaduo.data.results import Judgment, PromptResponses, Response, dump_models
@@ -307,3 +307,48 @@ def build_migration(store: ArtifactStore, *, finished: bool = True) -> Built:
     if finished:
         state.status = "graduated"
     return built
+
+
+def stored_responses_event(
+    store: ArtifactStore,
+    migration_id: str,
+    spec: MigrationSpec,
+    *,
+    prompts: int,
+    responses: int,
+    prompt_prefix: str = "",
+    split_stage: str = "coverage",
+) -> ResponsesReady:
+    """A valid `responses.ready` for iteration 0 whose test split and answers are stored under `migration_id`
+    (the test split under `split_stage`, so a test can keep clear of the key the coordinator writes)."""
+    test = [
+        make_row(f"{prompt_prefix}describe change {i}", f"fix: change {i}", origin="coverage") for i in range(prompts)
+    ]
+    test_ref = store.put_bytes(artifact_key(migration_id, None, split_stage, "test.jsonl"), dump_jsonl(test))
+    answers = [
+        PromptResponses(
+            index=i,
+            prompt=row.prompt,
+            responses=[
+                Response(
+                    text=f"fix: answer {i}.{k}", prompt_tokens=5, completion_tokens=4, finish_reason="stop", latency_s=0
+                )
+                for k in range(responses)
+            ],
+        )
+        for i, row in enumerate(test)
+    ]
+    responses_ref = store.put_bytes(
+        artifact_key(migration_id, 0, "responses", "responses.jsonl"), dump_models(answers), JSONL_MEDIA_TYPE
+    )
+    return ResponsesReady(
+        migration_id=migration_id,
+        iteration=0,
+        spec=spec,
+        adapter=test_ref,
+        dataset=test_ref,
+        test=test_ref,
+        responses=responses_ref,
+        prompts=prompts,
+        responses_per_prompt=responses,
+    )

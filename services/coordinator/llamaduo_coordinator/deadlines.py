@@ -32,6 +32,7 @@ class DeadlineSweep:
         self.settings = settings
         self.jetstream = jetstream
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     def attach(self, app: FastStream) -> None:
         """Start with the app (after its broker connected), stop with it."""
@@ -40,10 +41,12 @@ class DeadlineSweep:
 
     async def start(self) -> None:
         """Begin sweeping in the background."""
+        self._stopping.clear()
         self._task = asyncio.create_task(self._loop(), name="llamaduo-deadline-sweep")
 
     async def stop(self) -> None:
         """Stop sweeping."""
+        self._stopping.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -61,8 +64,13 @@ class DeadlineSweep:
         return len(events)
 
     async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.deadline_check_s)
+        # The flag as well as the cancel: Python 3.11's wait_for (inside nats-py) can swallow a cancel that lands as
+        # its timeout fires, and the sweep below turns the resulting timeout into "try again".
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.deadline_check_s)
+            if self._stopping.is_set():
+                return
             try:
                 await self.sweep()
             except Exception as exc:  # the next pass tries again; a sweep must never kill the coordinator
