@@ -254,3 +254,42 @@ async def test_health_is_unavailable_before_the_bridge_has_connected(redis_serve
     assert status == 503 and report["status"] == "unavailable"
     assert report["broker"] == {"connected": False, "error": "not connected yet"}
     assert report["external"]["connected"] is False
+
+
+@pytest.mark.parametrize(("start", "taken"), [("earliest", True), ("latest", False)])
+async def test_a_request_appended_before_the_bridge_first_ran_is_taken_unless_told_latest(
+    redis_server: BrokerProcess,
+    nats_server: NatsServer,
+    coordinator: ScriptedCoordinator,
+    client: Redis,
+    start: str,
+    taken: bool,
+) -> None:
+    name = uuid.uuid4().hex[:8]
+    migration_id = f"redis-early-{name}"
+    settings = BridgeSettings(
+        bridge_bus="redis",
+        bridge_url=redis_server.url,
+        nats_url=nats_server.url,
+        bridge_name=name,
+        bridge_inbound=f"requests:{name}",
+        bridge_outbound=f"events:{name}",
+        bridge_dead_letter=f"dlq:{name}",
+        bridge_inbound_start=start,
+    )
+    # The team's producer runs first: the stream exists and holds the request, no consumer group yet.
+    await client.xadd(settings.inbound, {"ce_id": f"early-{name}", "data": encode(make_request(migration_id))})
+    late = Bridge(settings)
+    await late.start()
+    try:
+        await late.link.ensure_consumer()
+        if taken:
+            await _event_out(client, settings.outbound, migration_id)
+            assert coordinator.requests[migration_id] == [f"early-{name}"]
+        else:
+            newer = f"redis-late-{name}"
+            await client.xadd(settings.inbound, {"data": encode(make_request(newer))})
+            await _event_out(client, settings.outbound, newer)  # it runs, and reads only what came after it
+            assert migration_id not in coordinator.requests
+    finally:
+        await late.stop()

@@ -122,3 +122,19 @@ def test_settings_reject_unknown_forwarded_events_and_know_every_bus() -> None:
         settings = BridgeSettings(bridge_bus=bus, bridge_name="eu")
         assert settings.consumer_name == f"bridge-{bus}-eu"
         assert settings.forward_events() == ("migration.graduated", "migration.failed")
+
+
+@pytest.mark.parametrize("start", ["earliest", "latest"])
+def test_the_kafka_consumer_group_starts_where_the_settings_say(start: str) -> None:
+    # aiokafka's auto_offset_reset applies to a group with no committed offset: `earliest` takes requests published
+    # before the bridge first ran (a real broker is not available here; the Redis test covers the behaviour).
+    from llamaduo_bridge.buses import build_adapter
+    from llamaduo_bridge.inbound import InboundHandler
+    from llamaduo_bridge.nats_link import NatsLink
+    from llamaduo_bridge.settings import BridgeSettings
+
+    settings = BridgeSettings(bridge_bus="kafka", bridge_inbound_start=start)
+    adapter = build_adapter(settings, InboundHandler(settings, NatsLink(settings)))
+    (subscriber,) = adapter.broker.subscribers
+    assert subscriber._connection_args["auto_offset_reset"] == start
+    assert subscriber._connection_args["enable_auto_commit"] is False

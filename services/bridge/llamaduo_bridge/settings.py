@@ -49,6 +49,14 @@ class BridgeSettings(BusSettings):
     bridge_deliver: Literal["new", "all"] = Field(
         default="new", description="Where a newly created NATS consumer starts: new events only, or the whole stream."
     )
+    bridge_inbound_start: Literal["earliest", "latest"] = Field(
+        default="earliest",
+        description=(
+            "Where a newly created Kafka or Redis consumer group starts on the inbound topic or stream: `earliest` "
+            "takes requests published before the bridge first ran (repeats of known migrations are ignored "
+            "downstream), `latest` only new ones."
+        ),
+    )
     bridge_source: str = Field(default="", description="CloudEvents `source` when a producer gives none.")
     bridge_mqtt_qos: Literal[1, 2] = 1
     bridge_mqtt_client_id: str | None = Field(

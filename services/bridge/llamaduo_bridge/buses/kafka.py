@@ -1,8 +1,9 @@
 """Kafka: requests from a topic in a consumer group (manual commits), events to a topic keyed by migration.
 
-- Inbound topic `LLAMADUO_BRIDGE_INBOUND` (default `llamaduo.requests`), consumer group `llamaduo-bridge-<name>`,
-  auto-commit off: an offset is committed only after NATS accepted the event (or after the dead-letter topic
-  acknowledged an invalid message), so a crash before that redelivers from the last committed offset.
+- Inbound topic `LLAMADUO_BRIDGE_INBOUND` (default `llamaduo.requests`), consumer group `llamaduo-bridge-<name>`
+  (a new group starts at `LLAMADUO_BRIDGE_INBOUND_START`, default the earliest offset), auto-commit off: an offset
+  is committed only after NATS accepted the event (or after the dead-letter topic acknowledged an invalid message),
+  so a crash before that redelivers from the last committed offset.
 - Invalid messages go to the topic `LLAMADUO_BRIDGE_DEAD_LETTER` (default `llamaduo.requests.dlq`) with their key,
   their headers and `llamaduo-error-reason` / `llamaduo-error-detail`.
 - Events go to `LLAMADUO_BRIDGE_OUTBOUND` (default `llamaduo.events`) keyed by migration id (per-migration order),
@@ -31,9 +32,13 @@ class KafkaAdapter(Adapter):
         super().__init__(settings, handler)
         servers = [item.strip() for item in settings.url.split(",") if item.strip()]
         self._broker = KafkaBroker(servers, **self.broker_options())
-        self._broker.subscriber(settings.inbound, group_id=settings.group, ack_policy=AckPolicy.MANUAL, max_records=1)(
-            self.on_message
-        )
+        self._broker.subscriber(
+            settings.inbound,
+            group_id=settings.group,
+            ack_policy=AckPolicy.MANUAL,
+            max_records=1,
+            auto_offset_reset=settings.bridge_inbound_start,
+        )(self.on_message)
 
     @property
     def broker(self) -> KafkaBroker:

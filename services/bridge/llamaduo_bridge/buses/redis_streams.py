@@ -1,7 +1,8 @@
 """Redis Streams: requests from a stream through a consumer group, events appended to another stream.
 
 - Inbound stream `LLAMADUO_BRIDGE_INBOUND` (default `llamaduo:requests`), consumer group `llamaduo-bridge-<name>`
-  (created at the stream's end, with MKSTREAM, when missing). An entry carries the event body in the field `data`
+  (created with MKSTREAM when missing, at the stream's start or end by `LLAMADUO_BRIDGE_INBOUND_START`, default the
+  start). An entry carries the event body in the field `data`
   and CloudEvents attributes in `ce_*` fields (`content-type` optional), or a structured CloudEvent in `data`.
   It is XACKed only after NATS accepted the event. Entries left pending by a crashed bridge are claimed again
   (XAUTOCLAIM) once idle for `LLAMADUO_BRIDGE_REDIS_CLAIM_IDLE_S`: that is Redis's redelivery.
@@ -20,6 +21,7 @@ from typing import Any
 from faststream import AckPolicy
 from faststream.redis import RedisBroker, RedisStreamMessage, StreamSub
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from llamaduo_bridge.buses.base import Adapter
 from llamaduo_bridge.cloudevents import InvalidMessage
@@ -64,6 +66,14 @@ class RedisStreamsAdapter(Adapter):
 
     async def open(self) -> None:
         self._client = Redis.from_url(self.settings.url)
+        # The group is created here, before FastStream's subscribers start (they would create it at the stream's end):
+        # with `earliest`, requests appended before the bridge first ran are taken too.
+        start = "0" if self.settings.bridge_inbound_start == "earliest" else "$"
+        try:
+            await self._client.xgroup_create(self.settings.inbound, self.settings.group, id=start, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
 
     async def close(self) -> None:
         if self._client is not None:
