@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Sequence
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -60,15 +61,25 @@ class StateStore:
 
     async def list(self) -> list[MigrationState]:
         """Every migration in the bucket."""
-        try:
-            keys = await self.kv.keys()
-        except Exception as exc:  # nats-py raises NoKeysError (not exported everywhere) for an empty bucket
-            if type(exc).__name__ == "NoKeysError":
-                return []
-            raise
+        keys = await self._keys()
         states = []
         for key in keys:
             found = await self.get(key)
             if found:
                 states.append(found[0])
         return states
+
+    async def _keys(self, attempts: int = 4) -> Sequence[str]:
+        """The bucket's keys. nats-py's `keys()` can report an empty bucket when its watcher's "caught up" check
+        races the first delivery (seen under load in CI): when the bucket's stream holds messages, ask again."""
+        for attempt in range(attempts):
+            try:
+                keys: Sequence[str] = await self.kv.keys()
+                return keys
+            except Exception as exc:  # nats-py raises NoKeysError (not exported everywhere) for an empty bucket
+                if type(exc).__name__ != "NoKeysError":
+                    raise
+            if (await self.kv.status()).values == 0 or attempt == attempts - 1:
+                return []  # truly empty (or only deletions remain)
+            await asyncio.sleep(0.1 * (attempt + 1))
+        return []
