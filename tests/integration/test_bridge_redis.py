@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
+from llamaduo.bus.provisioning import EVENTS_STREAM
 from llamaduo.contract import encode
 from llamaduo.embedded.nats_server import NatsServer
 from llamaduo_bridge.app import Bridge
@@ -280,9 +281,14 @@ async def test_a_request_appended_before_the_bridge_first_ran_is_taken_unless_to
     # The team's producer runs first: the stream exists and holds the request, no consumer group yet.
     await client.xadd(settings.inbound, {"ce_id": f"early-{name}", "data": encode(make_request(migration_id))})
     late = Bridge(settings)
-    await late.start()
+    await late.open()
     try:
-        await late.link.ensure_consumer()
+        # The outbound consumer exists before the first request is taken: an event published before it (with
+        # `deliver: new`) would never be forwarded.
+        assert late.link.js is not None
+        await late.link.js.consumer_info(EVENTS_STREAM, settings.consumer_name)
+        await late.adapter.broker.start()
+        late.start_forwarding()
         if taken:
             await _event_out(client, settings.outbound, migration_id)
             assert coordinator.requests[migration_id] == [f"early-{name}"]

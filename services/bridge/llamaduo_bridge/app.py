@@ -31,6 +31,7 @@ class Bridge:
     async def open(self, *, connect_bus: bool = True) -> None:
         """Connect NATS and (unless a test broker stands in for it) the external bus; declare what it needs."""
         await self.link.connect()
+        await self.link.ensure_consumer_before_intake()
         if connect_bus:
             await self.adapter.broker.connect()
         await self.adapter.open()

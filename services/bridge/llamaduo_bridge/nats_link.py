@@ -20,7 +20,7 @@ from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NotFoundError
 
 from llamaduo.bus.provisioning import EVENTS_STREAM
 from llamaduo.contract.subjects import PREFIX
@@ -114,12 +114,30 @@ class NatsLink:
             max_ack_pending=1000,
         )
 
+    async def ensure_consumer_before_intake(self) -> None:
+        """Create the outbound consumer before any request is taken from the external bus (retrying until the events
+        stream exists): with `DeliverPolicy.NEW`, an event published before it existed would never be forwarded."""
+        attempt = 0
+        while True:
+            try:
+                await self.ensure_consumer()
+                return
+            except _TRANSIENT as exc:  # the events stream not provisioned yet, NATS away
+                if self.stopping.is_set():
+                    raise Stopping("ensure_consumer") from exc
+                delay = _backoff(attempt, self.settings.bridge_retry_max_s)
+                attempt += 1
+                log.warning("bridge consumer not created; retrying", extra={"error": repr(exc), "retry_in_s": delay})
+                await asyncio.sleep(delay)
+
     async def ensure_consumer(self) -> None:
         """Create (or update to the configured subjects) the bridge's own `bridge-*` consumer."""
         assert self.js is not None, "connect() first"
         config = self.consumer_config()
         try:
             await self.js.add_consumer(EVENTS_STREAM, config)
+        except NotFoundError:
+            raise  # no events stream yet: nothing to keep
         except APIError as exc:
             # An existing consumer whose start position differs cannot be updated: keep it, say so.
             log.warning("bridge consumer kept as it is", extra={"consumer": config.durable_name, "error": repr(exc)})
