@@ -18,14 +18,15 @@ import zmqtt
 from llamaduo.contract import encode
 from llamaduo.embedded.nats_server import NatsServer
 from llamaduo_bridge.app import Bridge
-from llamaduo_bridge.settings import BridgeSettings
 from tests.support.brokers import (
     BrokerProcess,
     ScriptedCoordinator,
     eventually,
     make_request,
     mosquitto_server,
+    private_bridge_settings,
     reaches,
+    running_bridge,
 )
 
 __all__ = ["mosquitto_server"]
@@ -52,23 +53,8 @@ async def client(mosquitto_server: BrokerProcess) -> AsyncIterator[zmqtt.MQTTCli
 async def bridge(
     mosquitto_server: BrokerProcess, nats_server: NatsServer, coordinator: ScriptedCoordinator
 ) -> AsyncIterator[Bridge]:
-    name = uuid.uuid4().hex[:8]
-    settings = BridgeSettings(
-        bridge_bus="mqtt",
-        bridge_url=mosquitto_server.url,
-        nats_url=nats_server.url,
-        bridge_name=name,
-        bridge_inbound=f"requests/{name}",
-        bridge_outbound=f"events/{name}",
-        bridge_dead_letter=f"dlq/{name}",
-        bridge_retry_max_s=0.5,
-        publish_timeout_s=1.0,
-    )
-    running = Bridge(settings)
-    await running.start()
-    await running.link.ensure_consumer()
-    yield running
-    await running.stop()
+    async with running_bridge(private_bridge_settings("mqtt", mosquitto_server.url, nats_server.url)) as running:
+        yield running
 
 
 @contextlib.asynccontextmanager

@@ -15,8 +15,16 @@ import pytest
 from llamaduo.contract import encode
 from llamaduo.embedded.nats_server import NatsServer
 from llamaduo_bridge.app import Bridge
-from llamaduo_bridge.settings import BridgeSettings
-from tests.support.brokers import BrokerProcess, ScriptedCoordinator, eventually, make_request, rabbitmq_server, reaches
+from tests.support.brokers import (
+    BrokerProcess,
+    ScriptedCoordinator,
+    eventually,
+    make_request,
+    private_bridge_settings,
+    rabbitmq_server,
+    reaches,
+    running_bridge,
+)
 
 __all__ = ["rabbitmq_server"]
 pytestmark = pytest.mark.integration
@@ -41,23 +49,8 @@ async def channel(rabbitmq_server: BrokerProcess) -> AsyncIterator[aio_pika.abc.
 async def bridge(
     rabbitmq_server: BrokerProcess, nats_server: NatsServer, coordinator: ScriptedCoordinator
 ) -> AsyncIterator[Bridge]:
-    name = uuid.uuid4().hex[:8]
-    settings = BridgeSettings(
-        bridge_bus="rabbitmq",
-        bridge_url=rabbitmq_server.url,
-        nats_url=nats_server.url,
-        bridge_name=name,
-        bridge_inbound=f"requests.{name}",
-        bridge_outbound=f"events.{name}",
-        bridge_dead_letter=f"dlq.{name}",
-        bridge_retry_max_s=0.5,
-        publish_timeout_s=1.0,
-    )
-    running = Bridge(settings)
-    await running.start()
-    await running.link.ensure_consumer()
-    yield running
-    await running.stop()
+    async with running_bridge(private_bridge_settings("rabbitmq", rabbitmq_server.url, nats_server.url)) as running:
+        yield running
 
 
 async def _events_queue(channel: aio_pika.abc.AbstractChannel, bridge: Bridge) -> aio_pika.abc.AbstractQueue:

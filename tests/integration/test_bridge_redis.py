@@ -19,7 +19,16 @@ from llamaduo.embedded.nats_server import NatsServer
 from llamaduo_bridge.app import Bridge
 from llamaduo_bridge.ops import ops_server
 from llamaduo_bridge.settings import BridgeSettings
-from tests.support.brokers import BrokerProcess, ScriptedCoordinator, eventually, make_request, reaches, redis_server
+from tests.support.brokers import (
+    BrokerProcess,
+    ScriptedCoordinator,
+    eventually,
+    make_request,
+    private_bridge_settings,
+    reaches,
+    redis_server,
+    running_bridge,
+)
 
 __all__ = ["redis_server"]
 pytestmark = pytest.mark.integration
@@ -44,24 +53,10 @@ async def client(redis_server: BrokerProcess) -> AsyncIterator[Redis]:
 async def bridge(
     redis_server: BrokerProcess, nats_server: NatsServer, coordinator: ScriptedCoordinator
 ) -> AsyncIterator[Bridge]:
-    name = uuid.uuid4().hex[:8]
-    settings = BridgeSettings(
-        bridge_bus="redis",
-        bridge_url=redis_server.url,
-        nats_url=nats_server.url,
-        bridge_name=name,
-        bridge_inbound=f"requests:{name}",
-        bridge_outbound=f"events:{name}",
-        bridge_dead_letter=f"dlq:{name}",
-        bridge_redis_claim_idle_s=0.3,
-        bridge_retry_max_s=0.5,
-        publish_timeout_s=1.0,
-    )
-    running = Bridge(settings)
-    await running.start()
-    await running.link.ensure_consumer()
-    yield running
-    await running.stop()
+    async with running_bridge(
+        private_bridge_settings("redis", redis_server.url, nats_server.url, bridge_redis_claim_idle_s=0.3)
+    ) as running:
+        yield running
 
 
 def _fields(raw: dict[bytes, bytes]) -> dict[str, str]:
@@ -266,18 +261,9 @@ async def test_a_request_appended_before_the_bridge_first_ran_is_taken_unless_to
     start: str,
     taken: bool,
 ) -> None:
-    name = uuid.uuid4().hex[:8]
+    settings = private_bridge_settings("redis", redis_server.url, nats_server.url, bridge_inbound_start=start)
+    name = settings.bridge_name
     migration_id = f"redis-early-{name}"
-    settings = BridgeSettings(
-        bridge_bus="redis",
-        bridge_url=redis_server.url,
-        nats_url=nats_server.url,
-        bridge_name=name,
-        bridge_inbound=f"requests:{name}",
-        bridge_outbound=f"events:{name}",
-        bridge_dead_letter=f"dlq:{name}",
-        bridge_inbound_start=start,
-    )
     # The team's producer runs first: the stream exists and holds the request, no consumer group yet.
     await client.xadd(settings.inbound, {"ce_id": f"early-{name}", "data": encode(make_request(migration_id))})
     late = Bridge(settings)

@@ -14,10 +14,10 @@ import shutil
 import signal
 import subprocess
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 import pytest
@@ -308,3 +308,39 @@ async def reaches(read: Callable[[], int], value: int, what: str) -> None:
         return True if read() == value else None
 
     await eventually(check, f"{what} == {value} (now {read()})")
+
+
+SEPARATORS = {"kafka": ".", "rabbitmq": ".", "redis": ":", "mqtt": "/"}
+"""How each bus's names are usually segmented."""
+
+
+def private_bridge_settings(bus: str, url: str, nats_url: str, **extra: Any) -> Any:
+    """`BridgeSettings` for a bridge of its own in a shared broker: a fresh name, its own inbound, outbound and
+    dead-letter names, and quick retries."""
+    from llamaduo_bridge.settings import BridgeSettings
+
+    name, sep = uuid.uuid4().hex[:8], SEPARATORS[bus]
+    options: dict[str, Any] = {"bridge_retry_max_s": 0.5, "publish_timeout_s": 1.0, **extra}
+    return BridgeSettings(
+        bridge_bus=bus,  # type: ignore[arg-type]
+        bridge_url=url,
+        nats_url=nats_url,
+        bridge_name=name,
+        bridge_inbound=f"requests{sep}{name}",
+        bridge_outbound=f"events{sep}{name}",
+        bridge_dead_letter=f"dlq{sep}{name}",
+        **options,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_bridge(settings: Any) -> AsyncIterator[Any]:
+    """A started bridge (its outbound consumer exists before it takes anything), stopped afterwards."""
+    from llamaduo_bridge.app import Bridge
+
+    bridge = Bridge(settings)
+    await bridge.start()
+    try:
+        yield bridge
+    finally:
+        await bridge.stop()
